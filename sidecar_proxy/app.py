@@ -1,0 +1,176 @@
+"""The daemon: startup -> serve -> drain -> shutdown.
+
+Signals: SIGHUP reloads the config file; SIGTERM and SIGINT drain then exit
+0. Draining fails readiness first, then closes the listening sockets, then
+waits for in-flight connections up to the drain time and resets what is
+left. Config updates (file, SIGHUP, POST /config) are serialised by one
+lock so snapshot versions follow the order in which they went live.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+import time
+from pathlib import Path
+
+from .config import load
+from .config.model import Config
+from .config.snapshot import Snapshot, SnapshotStore, UpdateRejected
+from .telemetry.metrics import Metrics
+from .transport.listeners import ListenerManager
+
+log = logging.getLogger("sidecar_proxy.app")
+
+# How often the drain loop looks at the connection count.
+_DRAIN_POLL_S = 0.05
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE: a relayed connection costs two descriptors.
+
+    The soft limit goes to the hard one; with CAP_SYS_RESOURCE the hard one
+    is first raised to the kernel's fs.nr_open (capped at 1M), so 10,000+
+    connections do not end in EMFILE on a node whose default is low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        nr_open = hard
+    wanted = max(hard, min(nr_open, 1 << 20))
+    for target in (wanted, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+class App:
+    def __init__(self, *, config_path: Path | None, drain_time: float) -> None:
+        self.config_path = config_path
+        self.drain_time = drain_time
+        self.metrics = Metrics()
+        self.store = SnapshotStore()
+        self.loop = asyncio.get_running_loop()
+        self.listeners = ListenerManager(self.loop, self.metrics)
+        self.store.add_participant(self.listeners)
+        self.store.watch(self.metrics.snapshot_applied)
+        self.metrics.watch_tcp(lambda: list(self.listeners.states.values()))
+        self.draining = False
+        self.started_at = time.time()
+        self._update_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._drain_task: asyncio.Task | None = None
+        self.last_reload_error: dict | None = None
+
+    # --- config
+
+    async def apply(self, config: Config, source: str) -> Snapshot:
+        """Make ``config`` live or raise UpdateRejected; the old one stays on failure."""
+        async with self._update_lock:
+            try:
+                snapshot = await self.store.apply(config, source)
+            except UpdateRejected as exc:
+                self._rejected(source, exc.errors)
+                raise
+        self.metrics.config_reloads.labels(source=source, result="applied").inc()
+        self.metrics.ready.set(1 if self.is_ready()[0] else 0)
+        log.info("config applied", extra={"fields": {
+            "version": snapshot.version, "digest": snapshot.digest[:12], "source": source,
+            "listeners": len(config.listeners), "clusters": len(config.clusters)}})
+        return snapshot
+
+    def _rejected(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.metrics.config_reloads.labels(source=source, result="rejected").inc()
+        self.last_reload_error = {"source": source, "at": time.time(),
+                                  "errors": [{"path": p, "error": m} for p, m in errors]}
+        log.error("config rejected; the live config is unchanged", extra={"fields": {
+            "source": source, "errors": "; ".join(f"{p}: {m}" if p else m for p, m in errors)}})
+
+    async def apply_text(self, text: bytes | str, source: str) -> Snapshot:
+        try:
+            config = load.load_text(text)
+        except load.ConfigError as exc:
+            self._rejected(source, exc.errors)
+            raise UpdateRejected(exc.errors) from None
+        return await self.apply(config, source)
+
+    async def reload_file(self, source: str = "sighup") -> None:
+        path = self.config_path or load.default_config_path()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self._rejected(source, [("", f"cannot read {path}: {exc.strerror or exc}")])
+            return
+        try:
+            await self.apply_text(data, source)
+        except UpdateRejected:
+            pass  # logged and counted by apply_text / apply
+
+    # --- readiness, drain, stop
+
+    def is_ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if self.store.current is None:
+            return False, "no config loaded yet"
+        missing = set(self.store.current.config.listeners) - set(self.listeners.bound_addresses())
+        if missing:
+            return False, f"listeners not bound: {', '.join(sorted(missing))}"
+        return True, "ready"
+
+    def begin_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        self.draining = True
+        self.metrics.draining.set(1)
+        self.metrics.ready.set(0)
+        self.listeners.stop_accepting()
+        active = self.listeners.active_count()
+        log.info("draining", extra={"fields": {"active_connections": active, "drain_time_s": self.drain_time}})
+        deadline = self.loop.time() + self.drain_time
+        while self.listeners.active_count() and self.loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        left = self.listeners.active_count()
+        if left:
+            self.listeners.abort_all("drain_timeout")
+            log.warning("drain time over; reset the remaining connections",
+                        extra={"fields": {"connections": left}})
+        else:
+            log.info("drained", extra={"fields": {"active_connections": 0}})
+
+    def request_stop(self) -> None:
+        """Drain, then leave run() with exit code 0."""
+        self.begin_drain()
+        self._stop.set()
+
+    async def run(self, initial: Config, admin_server) -> int:
+        self.metrics.ready.set(0)
+        fd_limit = raise_fd_limit()
+        try:
+            await admin_server.start(initial.admin.address, initial.admin.port)
+        except OSError as exc:
+            log.error("cannot bind the admin endpoint", extra={"fields": {
+                "address": f"{initial.admin.address}:{initial.admin.port}", "error": exc.strerror or str(exc)}})
+            return 1
+        try:
+            await self.apply(initial, "file" if self.config_path else "default")
+        except UpdateRejected:
+            admin_server.close()
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload_file()))
+        log.info("ready", extra={"fields": {"admin": f"{initial.admin.address}:{initial.admin.port}",
+                                            "fd_limit": fd_limit}})
+        await self._stop.wait()
+        await self._drain_task
+        admin_server.close()
+        log.info("exiting", extra={"fields": {"uptime_s": round(time.time() - self.started_at, 1)}})
+        return 0

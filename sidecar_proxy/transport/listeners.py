@@ -1,0 +1,225 @@
+"""Listening sockets, reconciled with each snapshot without dropping anything.
+
+A listener whose address and port (``bind_key``) are unchanged keeps its
+socket: its new settings apply to connections accepted after the swap,
+because the accept path reads the runtime of the current snapshot. A new or
+moved listener is bound during ``prepare`` (so a bind failure rejects the
+whole update while the old snapshot stays live) and starts serving at
+commit, after which the socket it replaces stops accepting. Established
+connections are never touched by a reload.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
+
+from ..config.model import Cluster, Listener
+from ..config.snapshot import Snapshot, UpdateRejected
+from ..upstream.balancer import make_picker
+from ..addr import format_addr
+from ..logs import Throttle
+from .relay import Relay
+
+if TYPE_CHECKING:
+    from ..telemetry.metrics import Metrics
+
+log = logging.getLogger("sidecar_proxy.listeners")
+
+LISTEN_BACKLOG = 4096
+
+
+class ListenerState:
+    """Per listener name; outlives snapshots so counters and /connections stay continuous.
+
+    Plain ints: a scrape reads them (see telemetry.metrics), the hot path only adds.
+    """
+
+    __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.connections: set[Relay] = set()
+        self.opened = 0
+        self.closed = 0
+        self.closed_rx = 0  # bytes read from downstream by finished connections
+        self.closed_tx = 0  # bytes sent to downstream by finished connections
+        self.refused: dict[str, int] = {}
+
+    def count_refused(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+class ListenerRuntime:
+    """Everything a connection accepted on one listener under one snapshot uses.
+
+    Built once per snapshot so the accept path does no config lookups and
+    binds no metric labels.
+    """
+
+    __slots__ = ("listener", "cluster", "state", "loop", "own_ports", "pick_endpoint",
+                 "snapshot_version", "connect_seconds", "log_throttle", "_failure_counter", "_failures")
+
+    def __init__(self, listener: Listener, cluster: Cluster, state: ListenerState,
+                 loop: asyncio.AbstractEventLoop, own_ports: frozenset[int], snapshot_version: int,
+                 metrics: Metrics, log_throttle: Throttle) -> None:
+        self.listener = listener
+        self.cluster = cluster
+        self.state = state
+        self.loop = loop
+        self.own_ports = own_ports
+        self.pick_endpoint = make_picker(cluster)
+        self.snapshot_version = snapshot_version
+        self.connect_seconds = metrics.upstream_connect_seconds.labels(cluster=cluster.name)
+        self.log_throttle = log_throttle
+        self._failure_counter = metrics.upstream_connect_failures
+        self._failures: dict[str, object] = {}
+
+    def connect_failures(self, reason: str):
+        child = self._failures.get(reason)
+        if child is None:
+            child = self._failures[reason] = self._failure_counter.labels(cluster=self.cluster.name, reason=reason)
+        return child
+
+
+class _Bound:
+    __slots__ = ("listener", "sock", "server")
+
+    def __init__(self, listener: Listener, sock: socket.socket, server: asyncio.AbstractServer) -> None:
+        self.listener = listener
+        self.sock = sock
+        self.server = server
+
+
+def bind_socket(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" means IPv6 only; IPv4 has its own listener. Mapped
+            # addresses would need the IPv4 SO_ORIGINAL_DST on an IPv6 socket.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ListenerManager:
+    """The snapshot participant that owns every listening socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+        self.loop = loop
+        self.metrics = metrics
+        self.states: dict[str, ListenerState] = {}
+        self._bound: dict[str, _Bound] = {}
+        self._runtimes: dict[str, ListenerRuntime] = {}
+        self._pending: dict[str, _Bound] = {}
+        self.log_throttle = Throttle(1.0)
+        self.accepting = True
+
+    # --- snapshot participant
+
+    async def prepare(self, old: Snapshot | None, new: Snapshot) -> Callable[[], Awaitable[None]]:
+        if not self.accepting:
+            raise UpdateRejected([("", "the proxy is draining; config updates are refused")])
+        config = new.config
+        own_ports = frozenset(l.port for l in config.listeners.values())
+        runtimes = {}
+        for name, listener in config.listeners.items():
+            state = self.states.get(name) or ListenerState(name)
+            runtimes[name] = ListenerRuntime(listener, config.catch_all_cluster(listener.routes), state,
+                                             self.loop, own_ports, new.version, self.metrics,
+                                             self.log_throttle)
+        to_bind = [l for n, l in config.listeners.items()
+                   if n not in self._bound or self._bound[n].listener.bind_key != l.bind_key]
+        errors = []
+        for listener in to_bind:
+            try:
+                sock = bind_socket(listener.address, listener.port)
+            except OSError as exc:
+                hint = ""
+                if exc.errno == errno.EADDRINUSE and self._holds_port(listener.port):
+                    hint = (" (another of this proxy's listeners holds an overlapping address on this "
+                            "port; move a listener in two updates: first to a free port)")
+                errors.append((f"listeners.{listener.name}",
+                               f"cannot bind {format_addr((listener.address, listener.port))}: "
+                               f"{exc.strerror or exc}{hint}"))
+                continue
+            server = await self.loop.create_server(self._factory(listener.name), sock=sock,
+                                                   backlog=LISTEN_BACKLOG, start_serving=False)
+            self._pending[listener.name] = _Bound(listener, sock, server)
+        if errors:
+            await self.abort(new)
+            raise UpdateRejected(errors)
+
+        async def commit() -> None:
+            for name, rt in runtimes.items():
+                self.states.setdefault(name, rt.state)
+            self._runtimes = runtimes
+            pending, self._pending = self._pending, {}
+            for name, bound in pending.items():
+                await bound.server.start_serving()
+                replaced = self._bound.get(name)
+                self._bound[name] = bound
+                if replaced is not None:
+                    replaced.server.close()
+                log.info("listener serving", extra={"fields": {
+                    "listener": name, "address": format_addr((bound.listener.address, bound.listener.port)),
+                    "transparent": bound.listener.transparent}})
+            for name in [n for n in self._bound if n not in config.listeners]:
+                self._bound.pop(name).server.close()
+                log.info("listener removed; its connections continue", extra={"fields": {"listener": name}})
+            # A removed listener's counters go once its last connection has.
+            for name in [n for n, s in self.states.items() if n not in config.listeners and not s.connections]:
+                del self.states[name]
+            for name, bound in self._bound.items():
+                bound.listener = config.listeners[name]
+
+        return commit
+
+    async def abort(self, new: Snapshot) -> None:
+        pending, self._pending = self._pending, {}
+        for bound in pending.values():
+            bound.server.close()
+
+    def _holds_port(self, port: int) -> bool:
+        return any(b.listener.port == port for b in self._bound.values())
+
+    def _factory(self, name: str) -> Callable[[], asyncio.Protocol]:
+        runtimes = self  # read at accept time: the snapshot current at accept
+
+        def accept() -> asyncio.Protocol:
+            return Relay(runtimes._runtimes[name]).down
+
+        return accept
+
+    # --- lifecycle and introspection
+
+    def bound_addresses(self) -> dict[str, tuple[str, int]]:
+        return {name: b.sock.getsockname()[:2] for name, b in self._bound.items()}
+
+    def stop_accepting(self) -> None:
+        """Close every listening socket; established connections continue."""
+        self.accepting = False
+        for bound in self._bound.values():
+            bound.server.close()
+
+    def connections(self) -> Iterator[Relay]:
+        for state in self.states.values():
+            yield from state.connections
+
+    def active_count(self) -> int:
+        return sum(len(s.connections) for s in self.states.values())
+
+    def abort_all(self, reason: str) -> int:
+        victims = list(self.connections())
+        for relay in victims:
+            relay.abort(reason)
+        return len(victims)

@@ -1,0 +1,341 @@
+"""The L4 relay: bytes both ways between a downstream and an upstream socket.
+
+Hot path rules: protocol callbacks only (no streams, no per-chunk tasks or
+timers); a chunk is handed straight to the other transport; per-chunk
+bookkeeping is an int add and a flag store. Statistics reach Prometheus at
+scrape time (see ``ListenerState``), not per chunk.
+
+Flow control: each transport's write buffer has a high watermark
+(``listener.buffer_limit``) and a low one (a quarter of it). When the
+receiving side's buffer passes the high mark, asyncio calls its
+``pause_writing`` and we stop reading from the sender; ``resume_writing``
+restarts it. So at most about ``buffer_limit`` plus one read chunk is held per
+direction, however slow the reader.
+
+Half-close: a FIN from one side becomes ``write_eof`` (FIN) on the other,
+while the other direction keeps flowing; the relay ends when both directions
+have ended. A reset on one side aborts the other, so the peer learns of it.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from ..addr import format_addr
+from .original_dst import is_own_listener, original_dst
+
+if TYPE_CHECKING:
+    from .listeners import ListenerRuntime
+
+log = logging.getLogger("sidecar_proxy.relay")
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+# How many idle checks per idle_timeout: a quiet connection is closed after
+# between 1 and 1.25 idle_timeouts, at the cost of 4 timer callbacks per
+# idle_timeout per connection instead of one reset per received chunk.
+_IDLE_TICKS = 4
+
+# Connection states as shown by /connections.
+CONNECTING = "connecting"
+ESTABLISHED = "established"
+CLOSING = "closing"
+
+
+def _connect_failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    code = getattr(exc, "errno", None)
+    if code == errno.ECONNREFUSED:
+        return "refused"
+    if code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+        return "unreachable"
+    if isinstance(exc, socket.gaierror):
+        return "resolve"
+    return "other"
+
+
+def abort_with_rst(transport: asyncio.BaseTransport) -> None:
+    """Close so the peer sees a reset: the nearest thing to 'refused' once accepted."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relay; forwards what it reads to its peer side."""
+
+    __slots__ = ("relay", "transport", "peer", "eof", "nbytes", "lost")
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.eof = False
+        self.nbytes = 0  # bytes read from this socket
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.relay.active = True
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.eof:
+            self.relay.close()
+        elif not peer.transport.is_closing():
+            peer.transport.write_eof()
+        # True keeps our sending direction open (half-close).
+        return True
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.relay.side_lost(self, exc)
+
+
+class _Downstream(_Side):
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        # Nothing is read until the upstream is connected: no pre-connect
+        # buffering, and back-pressure reaches the client through TCP.
+        transport.pause_reading()
+        self.relay.start(transport)
+
+
+class _Upstream(_Side):
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+
+class Relay:
+    """One relayed TCP connection, for the snapshot it was accepted under."""
+
+    __slots__ = ("rt", "down", "up", "peer_addr", "orig_dst", "upstream_addr", "state",
+                 "created", "active", "quiet_ticks", "timer", "connect_task", "closed",
+                 "close_reason")
+
+    def __init__(self, rt: ListenerRuntime) -> None:
+        self.rt = rt
+        self.down = _Downstream(self)
+        self.up: _Upstream | None = None
+        self.peer_addr: tuple | None = None
+        self.orig_dst: tuple[str, int] | None = None
+        self.upstream_addr: tuple[str, int] | None = None
+        self.state = CONNECTING
+        self.created = time.monotonic()
+        self.active = False
+        self.quiet_ticks = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.connect_task: asyncio.Task | None = None
+        self.closed = False
+        self.close_reason = ""
+
+    # --- accept -> destination -> connect
+
+    def start(self, transport: asyncio.Transport) -> None:
+        rt = self.rt
+        state = rt.state
+        state.opened += 1
+        state.connections.add(self)
+        self.peer_addr = transport.get_extra_info("peername")
+        if len(state.connections) > rt.listener.max_connections:
+            self.refuse("overflow")
+            return
+        sock = transport.get_extra_info("socket")
+        if rt.listener.transparent:
+            dst = original_dst(sock)
+            # No NAT entry: the client dialled the listener itself.
+            self.orig_dst = dst if dst is not None else transport.get_extra_info("sockname")[:2]
+            target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()
+        else:
+            target = rt.pick_endpoint()
+        if is_own_listener(target, rt.own_ports):
+            self.refuse("redirect_loop")
+            return
+        self.upstream_addr = target
+        limit = rt.listener.buffer_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self.connect_task = rt.loop.create_task(self._connect(target))
+
+    def refuse(self, reason: str) -> None:
+        self.rt.state.count_refused(reason)
+        self.close_reason = reason
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection refused", extra={"fields": {
+                "listener": self.rt.listener.name, "reason": reason,
+                "downstream": format_addr(self.peer_addr), "original_destination": format_addr(self.orig_dst)}})
+        self.closed = True
+        self.state = CLOSING
+        abort_with_rst(self.down.transport)
+
+    async def _connect(self, target: tuple[str, int]) -> None:
+        rt = self.rt
+        loop = rt.loop
+        # perf_counter, not loop.time(): uvloop's clock ticks in milliseconds.
+        began = time.perf_counter()
+        try:
+            async with asyncio.timeout(rt.cluster.connect_timeout):
+                await loop.create_connection(self._make_upstream, target[0], target[1])
+        except asyncio.CancelledError:
+            self.closed = True
+            if self.up is not None and self.up.transport is not None:
+                self.up.transport.abort()
+            abort_with_rst(self.down.transport)
+            raise
+        except (OSError, TimeoutError) as exc:
+            reason = _connect_failure_reason(exc)
+            rt.connect_failures(reason).inc()
+            self.close_reason = f"connect_{reason}"
+            held = rt.log_throttle.allow(rt.cluster.name)
+            if held is not None:
+                log.warning("upstream connect failed", extra={"fields": {
+                    "listener": rt.listener.name, "cluster": rt.cluster.name, "upstream": format_addr(target),
+                    "reason": reason, "error": str(exc) or type(exc).__name__, "similar_not_logged": held}})
+            self.closed = True
+            self.state = CLOSING
+            abort_with_rst(self.down.transport)
+            return
+        finally:
+            self.connect_task = None
+        rt.connect_seconds.observe(time.perf_counter() - began)
+        self._established()
+
+    def _make_upstream(self) -> _Upstream:
+        up = _Upstream(self)
+        up.peer = self.down
+        self.down.peer = up
+        self.up = up
+        return up
+
+    def _established(self) -> None:
+        up, down = self.up, self.down
+        if self.closed or down.lost:
+            up.transport.close()
+            return
+        limit = self.rt.listener.buffer_limit
+        up.transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self.state = ESTABLISHED
+        down.transport.resume_reading()
+        self._arm_idle_timer()
+
+    # --- idle timeout
+
+    def _arm_idle_timer(self) -> None:
+        self.timer = self.rt.loop.call_later(self.rt.listener.idle_timeout / _IDLE_TICKS, self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        if self.closed:
+            return
+        if self.active:
+            self.active = False
+            self.quiet_ticks = 0
+        else:
+            self.quiet_ticks += 1
+            if self.quiet_ticks >= _IDLE_TICKS:
+                self.close_reason = "idle_timeout"
+                self.close()
+                return
+        self._arm_idle_timer()
+
+    # --- teardown
+
+    def close(self) -> None:
+        """Graceful: each side flushes what it holds, then closes."""
+        if self.closed:
+            return
+        self.closed = True
+        self.state = CLOSING
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        for side in (self.down, self.up):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Immediate, with a reset both ways (drain deadline, shutdown)."""
+        self.close_reason = self.close_reason or reason
+        self.closed = True
+        self.state = CLOSING
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        for side in (self.down, self.up):
+            if side is not None and side.transport is not None and not side.lost:
+                abort_with_rst(side.transport)
+
+    def side_lost(self, side: _Side, exc: BaseException | None) -> None:
+        other = side.peer
+        if other is not None and not other.lost and other.transport is not None:
+            if exc is not None:
+                # A reset (or error) on one side: pass it on rather than
+                # letting the other side believe the stream ended cleanly.
+                self.close_reason = self.close_reason or "reset"
+                abort_with_rst(other.transport)
+            else:
+                other.transport.close()
+            self.closed = True
+            self.state = CLOSING
+            return
+        if self.connect_task is not None and not self.connect_task.done():
+            # The client went away while we were still connecting upstream.
+            self.connect_task.cancel()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        state = self.rt.state
+        state.connections.discard(self)
+        state.closed += 1
+        state.closed_rx += self.down.nbytes
+        state.closed_tx += self.up.nbytes if self.up is not None else 0
+
+    # --- introspection (admin, metrics)
+
+    def buffered(self) -> int:
+        total = 0
+        for side in (self.down, self.up):
+            if side is not None and side.transport is not None and not side.lost:
+                total += side.transport.get_write_buffer_size()
+        return total
+
+    def describe(self, now: float) -> dict:
+        return {
+            "listener": self.rt.listener.name,
+            "downstream": format_addr(self.peer_addr),
+            "original_destination": format_addr(self.orig_dst),
+            "upstream": format_addr(self.upstream_addr),
+            "cluster": self.rt.cluster.name,
+            "state": self.state,
+            "rx_bytes": self.down.nbytes,
+            "tx_bytes": self.up.nbytes if self.up is not None else 0,
+            "buffered_bytes": self.buffered(),
+            "age_s": round(now - self.created, 3),
+            "snapshot_version": self.rt.snapshot_version,
+        }
