@@ -340,9 +340,8 @@ def _route_table(err: _Errors, name: str, doc: Any) -> tuple[model.Route, ...] |
 
 def _bind_conflicts(err: _Errors, admin: model.Admin | None, listeners: dict[str, model.Listener]) -> None:
     """Two sockets on one port conflict if their addresses overlap in one family."""
-    binds = [(f"listeners.{n}", l.address, l.port) for n, l in listeners.items()]
-    if admin is not None:
-        binds.append(("admin", admin.address, admin.port))
+    binds = [("admin", admin.address, admin.port)] if admin is not None else []
+    binds += [(f"listeners.{n}", l.address, l.port) for n, l in listeners.items()]
     for i, (path_a, addr_a, port_a) in enumerate(binds):
         for path_b, addr_b, port_b in binds[:i]:
             if port_a != port_b:

@@ -62,11 +62,14 @@ def _connect_failure_reason(exc: BaseException) -> str:
 
 def abort_with_rst(transport: asyncio.BaseTransport) -> None:
     """Close so the peer sees a reset: the nearest thing to 'refused' once accepted."""
+    if transport.is_closing():
+        transport.abort()
+        return
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: uvloop's socket is already gone
             pass
     transport.abort()
 
@@ -87,12 +90,19 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
         self.relay.active = True
-        self.peer.transport.write(data)
+        try:
+            self.peer.transport.write(data)
+        except AttributeError:
+            # No upstream yet: uvloop may deliver bytes that were read in
+            # the same loop pass as the accept, before our pause took hold.
+            self.relay.hold_early(data)
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
-        if peer is None or peer.eof:
+        if peer is None:
+            pass  # still connecting: _established() forwards the FIN
+        elif peer.eof:
             self.relay.close()
         elif not peer.transport.is_closing():
             peer.transport.write_eof()
@@ -137,7 +147,7 @@ class Relay:
 
     __slots__ = ("rt", "down", "up", "peer_addr", "orig_dst", "upstream_addr", "state",
                  "created", "active", "quiet_ticks", "timer", "connect_task", "closed",
-                 "close_reason")
+                 "close_reason", "early")
 
     def __init__(self, rt: ListenerRuntime) -> None:
         self.rt = rt
@@ -154,6 +164,8 @@ class Relay:
         self.connect_task: asyncio.Task | None = None
         self.closed = False
         self.close_reason = ""
+        # Bytes read from downstream before the upstream existed (see hold_early).
+        self.early: list[bytes] | None = None
 
     # --- accept -> destination -> connect
 
@@ -225,6 +237,14 @@ class Relay:
         rt.connect_seconds.observe(time.perf_counter() - began)
         self._established()
 
+    def hold_early(self, data: bytes) -> None:
+        """Keep bytes that arrived before the upstream; bounded by pausing reads."""
+        if self.early is None:
+            self.early = []
+        self.early.append(data)
+        if not self.closed:
+            self.down.transport.pause_reading()
+
     def _make_upstream(self) -> _Upstream:
         up = _Upstream(self)
         up.peer = self.down
@@ -240,7 +260,13 @@ class Relay:
         limit = self.rt.listener.buffer_limit
         up.transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.state = ESTABLISHED
-        down.transport.resume_reading()
+        if self.early is not None:
+            up.transport.writelines(self.early)
+            self.early = None
+        if down.eof:
+            up.transport.write_eof()
+        else:
+            down.transport.resume_reading()
         self._arm_idle_timer()
 
     # --- idle timeout

@@ -1,0 +1,228 @@
+"""Helpers for tests that run the real proxy process on loopback.
+
+Everything here is bounded: every wait has a deadline, every server thread
+is a daemon and stops with its test.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def relay_config(backend_port: int, **listener_extra) -> dict:
+    """A config with one plain relay listener in front of ``backend_port``."""
+    return {
+        "version": 1,
+        "node": {"id": "test"},
+        "admin": {"address": "127.0.0.1", "port": free_port()},
+        "listeners": {"relay": {"address": "127.0.0.1", "port": free_port(), "protocol": "tcp",
+                                "routes": "main", **listener_extra}},
+        "clusters": {"backend": {"endpoints": [f"127.0.0.1:{backend_port}"], "connect_timeout": "1s"}},
+        "route_tables": {"main": [{"match": {}, "cluster": "backend"}]},
+    }
+
+
+class Proxy:
+    """``python -m sidecar_proxy run`` as a child process."""
+
+    def __init__(self, config: dict, tmp_path: Path, drain_time_s: float = 2.0, extra_args=()) -> None:
+        self.config = config
+        self.path = tmp_path / "proxy.yaml"
+        self.write_config(config)
+        self.log_path = tmp_path / "proxy.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(self.path), "--log-level", "debug",
+             "--drain-time-s", str(drain_time_s), *extra_args],
+            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.admin = (config["admin"]["address"], config["admin"]["port"])
+
+    def write_config(self, config: dict) -> None:
+        self.path.write_text(yaml.safe_dump(config))
+
+    def port(self, listener: str = "relay") -> int:
+        return self.config["listeners"][listener]["port"]
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 15.0) -> "Proxy":
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return self.get("/ready")[0] == 200
+            except OSError:
+                return False
+        wait_for(ready, timeout, 0.05, "proxy /ready")
+        return self
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, bytes, dict]:
+        conn = http.client.HTTPConnection(*self.admin, timeout=5)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read(), dict(resp.getheaders())
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        status, body, _ = self.request("GET", path)
+        return status, body
+
+    def post_config(self, config: dict | str) -> tuple[int, dict]:
+        body = config if isinstance(config, str) else json.dumps(config)
+        status, data, _ = self.request("POST", "/config", body.encode())
+        return status, json.loads(data)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """{(sample name, sorted label items): value}, parsed by prometheus-client's parser."""
+        status, body = self.get("/metrics")
+        assert status == 200
+        out = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def connections(self) -> list[dict]:
+        status, body = self.get("/connections")
+        assert status == 200
+        return json.loads(body)["connections"]
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"proxy did not exit within {timeout}s of SIGTERM:\n{self.log()}")
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+class ThreadedServer:
+    """A TCP server on loopback running ``handler(conn)`` per connection in a thread."""
+
+    def __init__(self, handler, host: str = "127.0.0.1", backlog: int = 128) -> None:
+        self.handler = handler
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.results: list = []
+        self.errors: list[BaseException] = []
+        self.accepted = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.accepted += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            result = self.handler(conn)
+            if result is not None:
+                self.results.append(result)
+        except BaseException as exc:  # recorded for the test to inspect
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def echo_handler(conn: socket.socket) -> None:
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Deterministic, non-repeating-looking bytes so a reordering would be caught."""
+    out = bytearray()
+    block = hashlib.sha256(str(seed).encode()).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block * 64
+    return bytes(out[:size])
+
+
+def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
+    chunks = []
+    total = 0
+    while limit is None or total < limit:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
