@@ -126,7 +126,14 @@ class AdminServer:
                 continue
             if isinstance(event, h11.Request):
                 head = event
-                declared = dict(event.headers).get(b"content-length")
+                # h11 bounds only a head still incomplete; one read can carry more.
+                if sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEADER_BYTES:
+                    raise _BadRequest(431, f"request header block larger than {MAX_HEADER_BYTES} bytes")
+                headers = dict(event.headers)
+                if b"content-length" in headers and b"transfer-encoding" in headers:
+                    # h11 lets Transfer-Encoding win; two framings is a smuggling shape.
+                    raise _BadRequest(400, "bad request: both Content-Length and Transfer-Encoding")
+                declared = headers.get(b"content-length")
                 if declared is not None and int(declared) > MAX_BODY_BYTES:
                     raise _BadRequest(413, f"body larger than {MAX_BODY_BYTES} bytes")
             elif isinstance(event, h11.Data):

@@ -1,0 +1,18 @@
+# The sidecar container image. The proxy runs as uid/gid 1337, which the
+# pod's iptables rules (iptables/, `sidecar-proxy init-iptables`) exempt from
+# redirection so its own upstream connections are not looped back into it.
+FROM python:3.11-slim
+
+WORKDIR /opt/sidecar-proxy
+COPY pyproject.toml README.md ./
+COPY sidecar_proxy ./sidecar_proxy
+RUN pip install --no-cache-dir . \
+ && groupadd --gid 1337 sidecar \
+ && useradd --uid 1337 --gid 1337 --no-create-home --shell /usr/sbin/nologin sidecar
+
+USER 1337:1337
+# 15000 admin, 15001 outbound, 15006 inbound.
+EXPOSE 15000 15001 15006
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sidecar-proxy", "run"]
+CMD ["--log-format", "json"]
