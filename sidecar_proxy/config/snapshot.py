@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from .model import Config
+
+log = logging.getLogger("sidecar_proxy.config")
 
 
 def _canonical_json(doc: Any) -> bytes:
@@ -84,10 +87,13 @@ class SnapshotStore:
             for participant in self._participants:
                 commits.append(await participant.prepare(old, new))
                 prepared.append(participant)
-        except UpdateRejected:
+        except Exception as exc:
             for participant in reversed(prepared):
                 await participant.abort(new)
-            raise
+            if isinstance(exc, UpdateRejected):
+                raise
+            log.exception("config update failed unexpectedly; the live config is unchanged")
+            raise UpdateRejected([("", f"internal error while applying: {type(exc).__name__}: {exc}")]) from exc
         self._next_version += 1
         self.current = new
         for commit in commits:

@@ -55,6 +55,8 @@ def _connect_failure_reason(exc: BaseException) -> str:
         return "refused"
     if code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
         return "unreachable"
+    if code in (errno.EMFILE, errno.ENFILE):
+        return "fd_limit"  # ours, not the upstream's: raise the proxy's RLIMIT_NOFILE
     if isinstance(exc, socket.gaierror):
         return "resolve"
     return "other"
@@ -180,7 +182,11 @@ class Relay:
             return
         sock = transport.get_extra_info("socket")
         if rt.listener.transparent:
-            dst = original_dst(sock)
+            try:
+                dst = original_dst(sock)
+            except OSError:
+                self.refuse("original_dst_error")
+                return
             # No NAT entry: the client dialled the listener itself.
             self.orig_dst = dst if dst is not None else transport.get_extra_info("sockname")[:2]
             target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()

@@ -68,3 +68,19 @@ def test_rejected_update_aborts_prepared_participants_and_keeps_the_old_snapshot
     # The rejected attempt does not use up a version number.
     bad.reject = False
     assert run(store.apply(load.build(mutated(node__id="n3")), "admin")).version == 2
+
+
+def test_unexpected_error_in_a_participant_is_a_rejection_not_a_crash():
+    store = SnapshotStore()
+    log: list = []
+
+    class Broken(Recorder):
+        async def prepare(self, old, new):
+            raise RuntimeError("boom")
+
+    store.add_participant(Recorder("good", log))
+    store.add_participant(Broken("broken", log))
+    with pytest.raises(UpdateRejected) as info:
+        run(store.apply(load.build(BASE), "file"))
+    assert "internal error while applying: RuntimeError: boom" in info.value.errors[0][1]
+    assert ("good", "abort", 1) in log and store.current is None
