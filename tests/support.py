@@ -5,10 +5,10 @@ is a daemon and stops with its test.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,18 +55,28 @@ def relay_config(backend_port: int, **listener_extra) -> dict:
 
 
 class Proxy:
-    """``python -m sidecar_proxy run`` as a child process."""
+    """``python -m sidecar_proxy run`` as a child process, with an admin client.
 
-    def __init__(self, config: dict, tmp_path: Path, drain_time_s: float = 2.0, extra_args=()) -> None:
+    ``wrap`` rewrites the command line (e.g. to run it inside a network
+    namespace or as another group) and ``enter`` is a context manager factory
+    entered around every admin request (e.g. that namespace).
+    """
+
+    def __init__(self, config: dict, tmp_path: Path, drain_time_s: float = 2.0, extra_args=(), *,
+                 wrap: Callable[[list[str]], list[str]] | None = None,
+                 enter: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
         self.config = config
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.path = tmp_path / "proxy.yaml"
         self.write_config(config)
         self.log_path = tmp_path / "proxy.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(self.path), "--log-level", "debug",
-             "--drain-time-s", str(drain_time_s), *extra_args],
-            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(self.path), "--log-level", "debug",
+                "--drain-time-s", str(drain_time_s), *extra_args]
+        self.proc = subprocess.Popen(wrap(argv) if wrap else argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.drain_time_s = drain_time_s
+        self._enter = enter
         self.admin = (config["admin"]["address"], config["admin"]["port"])
 
     def write_config(self, config: dict) -> None:
@@ -82,17 +93,23 @@ class Proxy:
     def wait_ready(self, timeout: float = 15.0) -> "Proxy":
         def ready():
             if self.proc.poll() is not None:
-                raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
+                raise AssertionError(f"proxy exited with {self.proc.returncode} before ready:\n{self.log()}")
             try:
                 return self.get("/ready")[0] == 200
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 return False
-        wait_for(ready, timeout, 0.05, "proxy /ready")
+        try:
+            wait_for(ready, timeout, 0.05, "proxy /ready")
+        except AssertionError:
+            self.kill()
+            raise AssertionError(f"proxy not ready within {timeout}s; log:\n{self.log()}") from None
         return self
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict | None = None) -> tuple[int, bytes, dict]:
         conn = http.client.HTTPConnection(*self.admin, timeout=5)
+        with self._enter():  # the socket belongs to the namespace it is made in
+            conn.connect()
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -120,22 +137,33 @@ class Proxy:
         return out
 
     def metric(self, name: str, **labels) -> float:
+        """The sample's value; 0 when absent (a counter nothing has incremented)."""
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def wait_for_metric(self, name: str, at_least: float, timeout: float = 5.0, **labels) -> float:
+        """Poll until the sample reaches ``at_least``; return its last value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metric(name, **labels)
+            if value >= at_least or time.monotonic() > deadline:
+                return value
+            time.sleep(0.05)
 
     def connections(self) -> list[dict]:
         status, body = self.get("/connections")
         assert status == 200
         return json.loads(body)["connections"]
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM; the exit code. Fails if it outlives the drain time plus a grace period."""
+        timeout = self.drain_time_s + 10 if timeout is None else timeout
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"proxy did not exit within {timeout}s of SIGTERM:\n{self.log()}")
+                self.kill()
+                raise AssertionError(f"proxy did not exit within {timeout}s of SIGTERM:\n{self.log()}") from None
         self._log.close()
         return self.proc.returncode
 
@@ -219,10 +247,3 @@ def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
         total += len(data)
     return b"".join(chunks)
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

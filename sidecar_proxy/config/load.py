@@ -108,7 +108,7 @@ def _check_keys(err: _Errors, path: str, doc: dict, allowed: set[str], planned_k
             err.add(kpath, "is part of the schema but not supported by this build yet")
             continue
         hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-        err.add(kpath, f"unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else
+        err.add(kpath, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else
                                           f"; allowed: {', '.join(sorted(allowed))}"))
 
 

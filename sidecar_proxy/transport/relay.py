@@ -95,8 +95,7 @@ class _Side(asyncio.Protocol):
         try:
             self.peer.transport.write(data)
         except AttributeError:
-            # No upstream yet: uvloop may deliver bytes that were read in
-            # the same loop pass as the accept, before our pause took hold.
+            # No upstream yet (see _Downstream.connection_made).
             self.relay.hold_early(data)
 
     def eof_received(self) -> bool:
@@ -131,8 +130,10 @@ class _Downstream(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        # Nothing is read until the upstream is connected: no pre-connect
-        # buffering, and back-pressure reaches the client through TCP.
+        # uvloop starts reading only after connection_made returns, so this
+        # pause does not hold: a client that speaks first gets one chunk read,
+        # which hold_early keeps while it pauses for real. After that nothing
+        # is read until the upstream is connected, and TCP pushes back.
         transport.pause_reading()
         self.relay.start(transport)
 
@@ -244,7 +245,7 @@ class Relay:
         self._established()
 
     def hold_early(self, data: bytes) -> None:
-        """Keep bytes that arrived before the upstream; bounded by pausing reads."""
+        """Keep bytes that arrived before the upstream: one read chunk, as reading pauses here."""
         if self.early is None:
             self.early = []
         self.early.append(data)
