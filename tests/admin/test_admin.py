@@ -163,32 +163,28 @@ def test_quitquitquit_drains_then_exits_zero(tmp_path, backend):
         proxy.kill()
 
 
-def test_admin_port_taken_is_a_clear_startup_error(tmp_path, backend):
+def _take_admin_port(config: dict, port: int) -> None:
+    config["admin"]["port"] = port
+
+
+def _take_listener_port(config: dict, port: int) -> None:
+    config["listeners"]["relay"]["port"] = port
+
+
+@pytest.mark.parametrize("take,message", [
+    (_take_admin_port, "cannot bind the admin endpoint"),
+    (_take_listener_port, "listeners.relay: cannot bind"),
+], ids=["admin", "listener"])
+def test_a_port_taken_at_startup_is_a_clear_error(tmp_path, backend, take, message):
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen(1)
     config = relay_config(backend.port)
-    config["admin"]["port"] = squatter.getsockname()[1]
+    take(config, squatter.getsockname()[1])
     proxy = Proxy(config, tmp_path)
     try:
         assert proxy.proc.wait(15) == 1
-        assert "cannot bind the admin endpoint" in proxy.log()
-        assert "Traceback" not in proxy.log()
-    finally:
-        proxy.kill()
-        squatter.close()
-
-
-def test_listener_port_taken_is_a_clear_startup_error(tmp_path, backend):
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen(1)
-    config = relay_config(backend.port)
-    config["listeners"]["relay"]["port"] = squatter.getsockname()[1]
-    proxy = Proxy(config, tmp_path)
-    try:
-        assert proxy.proc.wait(15) == 1
-        assert "listeners.relay: cannot bind" in proxy.log()
+        assert message in proxy.log()
         assert "Traceback" not in proxy.log()
     finally:
         proxy.kill()
