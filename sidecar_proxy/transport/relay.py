@@ -2,7 +2,7 @@
 
 Hot path rules: protocol callbacks only (no streams, no per-chunk tasks or
 timers); a chunk is handed straight to the other transport; per-chunk
-bookkeeping is an int add and a flag store. Statistics reach Prometheus at
+bookkeeping is one int add. Statistics reach Prometheus at
 scrape time (see ``ListenerState``), not per chunk.
 
 Flow control: each transport's write buffer has a high watermark
@@ -38,7 +38,8 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 
 # How many idle checks per idle_timeout: a quiet connection is closed after
 # between 1 and 1.25 idle_timeouts, at the cost of 4 timer callbacks per
-# idle_timeout per connection instead of one reset per received chunk.
+# idle_timeout per connection instead of a timer reset per received chunk.
+# A tick sees activity as a change in the byte counters the relay keeps anyway.
 _IDLE_TICKS = 4
 
 # Connection states as shown by /connections.
@@ -91,7 +92,6 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
-        self.relay.active = True
         try:
             self.peer.transport.write(data)
         except AttributeError:
@@ -149,7 +149,7 @@ class Relay:
     """One relayed TCP connection, for the snapshot it was accepted under."""
 
     __slots__ = ("rt", "down", "up", "peer_addr", "orig_dst", "upstream_addr", "state",
-                 "created", "active", "quiet_ticks", "timer", "connect_task", "closed",
+                 "created", "seen_bytes", "quiet_ticks", "timer", "connect_task", "closed",
                  "close_reason", "early")
 
     def __init__(self, rt: ListenerRuntime) -> None:
@@ -161,7 +161,7 @@ class Relay:
         self.upstream_addr: tuple[str, int] | None = None
         self.state = CONNECTING
         self.created = time.monotonic()
-        self.active = False
+        self.seen_bytes = 0  # both directions' byte counts at the last idle tick
         self.quiet_ticks = 0
         self.timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task | None = None
@@ -284,8 +284,9 @@ class Relay:
     def _idle_tick(self) -> None:
         if self.closed:
             return
-        if self.active:
-            self.active = False
+        moved = self.down.nbytes + self.up.nbytes
+        if moved != self.seen_bytes:
+            self.seen_bytes = moved
             self.quiet_ticks = 0
         else:
             self.quiet_ticks += 1
