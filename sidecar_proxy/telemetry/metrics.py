@@ -29,8 +29,8 @@ class _TcpCollector:
     def collect(self):
         opened = CounterMetricFamily("sidecar_tcp_connections_opened", "Downstream TCP connections accepted.",
                                      labels=["listener"])
-        closed = CounterMetricFamily("sidecar_tcp_connections_closed", "Downstream TCP connections finished.",
-                                     labels=["listener"])
+        closed = CounterMetricFamily("sidecar_tcp_connections_closed", "Downstream TCP connections finished, by reason.",
+                                     labels=["listener", "reason"])
         active = GaugeMetricFamily("sidecar_tcp_connections_active", "Downstream TCP connections open now.",
                                    labels=["listener"])
         refused = CounterMetricFamily("sidecar_tcp_connections_refused",
@@ -47,7 +47,8 @@ class _TcpCollector:
             name = [state.name]
             conns = list(state.connections)
             opened.add_metric(name, state.opened)
-            closed.add_metric(name, state.closed)
+            for reason, count in state.closed.items():
+                closed.add_metric([state.name, reason], count)
             active.add_metric(name, len(conns))
             for reason, count in state.refused.items():
                 refused.add_metric([state.name, reason], count)

@@ -43,7 +43,7 @@ class ListenerState:
         self.name = name
         self.connections: set[Relay] = set()
         self.opened = 0
-        self.closed = 0
+        self.closed: dict[str, int] = {}  # by relay.CLOSE_REASONS
         self.closed_rx = 0  # bytes read from downstream by finished connections
         self.closed_tx = 0  # bytes sent to downstream by finished connections
         self.refused: dict[str, int] = {}

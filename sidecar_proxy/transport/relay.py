@@ -42,6 +42,10 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # A tick sees activity as a change in the byte counters the relay keeps anyway.
 _IDLE_TICKS = 4
 
+# Why a connection ended: the `reason` label of
+# sidecar_tcp_connections_closed_total. "normal" is both directions ending.
+CLOSE_REASONS = ("normal", "reset", "idle_timeout", "connect_failed", "refused", "drain_timeout")
+
 # Connection states as shown by /connections.
 CONNECTING = "connecting"
 ESTABLISHED = "established"
@@ -166,7 +170,7 @@ class Relay:
         self.timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task | None = None
         self.closed = False
-        self.close_reason = ""
+        self.close_reason = "normal"
         # Bytes read from downstream before the upstream existed (see hold_early).
         self.early: list[bytes] | None = None
 
@@ -203,7 +207,7 @@ class Relay:
 
     def refuse(self, reason: str) -> None:
         self.rt.state.count_refused(reason)
-        self.close_reason = reason
+        self.close_reason = "refused"
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection refused", extra={"fields": {
                 "listener": self.rt.listener.name, "reason": reason,
@@ -229,7 +233,7 @@ class Relay:
         except (OSError, TimeoutError) as exc:
             reason = _connect_failure_reason(exc)
             rt.connect_failures(reason).inc()
-            self.close_reason = f"connect_{reason}"
+            self.close_reason = "connect_failed"
             held = rt.log_throttle.allow(rt.cluster.name)
             if held is not None:
                 log.warning("upstream connect failed", extra={"fields": {
@@ -312,7 +316,8 @@ class Relay:
 
     def abort(self, reason: str) -> None:
         """Immediate, with a reset both ways (drain deadline, shutdown)."""
-        self.close_reason = self.close_reason or reason
+        if self.close_reason == "normal":
+            self.close_reason = reason
         self.closed = True
         self.state = CLOSING
         if self.connect_task is not None:
@@ -327,7 +332,8 @@ class Relay:
             if exc is not None:
                 # A reset (or error) on one side: pass it on rather than
                 # letting the other side believe the stream ended cleanly.
-                self.close_reason = self.close_reason or "reset"
+                if self.close_reason == "normal":
+                    self.close_reason = "reset"
                 abort_with_rst(other.transport)
             else:
                 other.transport.close()
@@ -346,7 +352,7 @@ class Relay:
             self.timer = None
         state = self.rt.state
         state.connections.discard(self)
-        state.closed += 1
+        state.closed[self.close_reason] = state.closed.get(self.close_reason, 0) + 1
         state.closed_rx += self.down.nbytes
         state.closed_tx += self.up.nbytes if self.up is not None else 0
 

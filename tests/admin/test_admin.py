@@ -64,7 +64,7 @@ def test_metrics_parse_as_prometheus_text_and_openmetrics(proxy):
     with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as client:
         client.sendall(b"hi")
         assert client.recv(2) == b"hi"
-    wait_for(lambda: proxy.metric("sidecar_tcp_connections_closed_total", listener="relay") == 1, 5,
+    wait_for(lambda: proxy.metric("sidecar_tcp_connections_closed_total", listener="relay", reason="normal") == 1, 5,
              what="close counted")
     metrics = proxy.metrics()
     assert metrics[("sidecar_tcp_connections_opened_total", (("listener", "relay"),))] == 1

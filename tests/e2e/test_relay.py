@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -78,7 +79,7 @@ def test_ten_mib_each_way_arrive_intact(proxies, servers):
     assert hashlib.sha256(received).hexdigest() == hashlib.sha256(down_data).hexdigest()
     wait_for(lambda: server.results, 10, what="server digest")
     assert server.results == [hashlib.sha256(up_data).hexdigest()]
-    wait_for(lambda: proxy.metric("sidecar_tcp_connections_closed_total", listener="relay") == 1, 5,
+    wait_for(lambda: proxy.metric("sidecar_tcp_connections_closed_total", listener="relay", reason="normal") == 1, 5,
              what="connection accounted")
     assert proxy.metric("sidecar_tcp_received_bytes_total", listener="relay") == len(up_data)
     assert proxy.metric("sidecar_tcp_sent_bytes_total", listener="relay") == len(down_data)
@@ -115,6 +116,21 @@ def test_server_fin_reaches_client_and_the_client_can_still_send(proxies, server
         client.shutdown(socket.SHUT_WR)
         wait_for(lambda: server.results, 5, what="server to read until EOF")
     assert server.results == [b"late upload after the server's FIN"]
+
+
+def test_upstream_reset_reaches_the_client_as_a_reset(proxies, servers):
+    def handler(conn):
+        conn.recv(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # close() with a zero linger time sends RST instead of FIN.
+
+    server = servers(handler)
+    proxy = proxies(relay_config(server.port))
+    with connect(proxy) as client:
+        client.sendall(b"hello")
+        with pytest.raises(ConnectionResetError):
+            client.recv(10)
+    assert proxy.wait_for_metric("sidecar_tcp_connections_closed_total", 1, listener="relay", reason="reset") == 1
 
 
 def test_slow_reader_does_not_make_the_proxy_buffer_without_bound(proxies, servers):
@@ -163,6 +179,8 @@ def test_upstream_refusing_resets_the_client_promptly(proxies):
             client.recv(1)
     assert time.monotonic() - began < 2
     assert proxy.metric("sidecar_upstream_connect_failures_total", cluster="backend", reason="refused") == 1
+    assert proxy.wait_for_metric("sidecar_tcp_connections_closed_total", 1, listener="relay",
+                                 reason="connect_failed") == 1
     assert "upstream connect failed" in proxy.log()
 
 
@@ -335,8 +353,9 @@ def test_idle_connection_is_closed_after_the_idle_timeout(proxies, servers):
         assert client.recv(1) == b""  # closed by the proxy, cleanly
         elapsed = time.monotonic() - began
     assert 0.35 < elapsed < 1.5, elapsed
-    wait_for(lambda: proxy.metric("sidecar_tcp_connections_active", listener="relay") == 0, 3,
-             what="connection released")
+    assert proxy.wait_for_metric("sidecar_tcp_connections_closed_total", 1, listener="relay",
+                                 reason="idle_timeout") == 1
+    assert proxy.metric("sidecar_tcp_connections_active", listener="relay") == 0
 
 
 def test_busy_connection_is_not_idle(proxies, servers):
@@ -360,6 +379,7 @@ def test_connections_beyond_the_limit_are_refused(proxies, servers):
             with pytest.raises(ConnectionResetError):
                 extra.recv(1)
     assert proxy.metric("sidecar_tcp_connections_refused_total", listener="relay", reason="overflow") == 1
+    assert proxy.wait_for_metric("sidecar_tcp_connections_closed_total", 1, listener="relay", reason="refused") == 1
 
 
 def _ready_status(proxy: Proxy) -> int:
