@@ -3,7 +3,8 @@
 
 Usage: python3 benchmarks/run.py [--quick] [--duration S] [--json OUT]
 benchmarks/README.md explains every figure. This is a developer tool; CI
-must not run it.
+must not run it. The /proc readers are in procfs.py, the printed report in
+report.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ import time
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from procfs import (BenchmarkError, busy_ticks, cpu_ticks, established_on_port, fd_soft_limit,
+                    group_cpu_ticks, rss_mib)
+from report import print_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -110,10 +116,6 @@ SCENARIOS = (
     # busy in both directions while wrk waits on the others.
     Scenario("1 MiB bulk", "/1m", connections=4, bulk=True),
 )
-
-
-class BenchmarkError(Exception):
-    pass
 
 
 # ---------------------------------------------------------------- processes
@@ -256,45 +258,6 @@ def start_proxy(processes: Processes, workdir: Path, proxy_dir: Path) -> Proxy:
 # ------------------------------------------------------------ measurements
 
 
-def stat_fields(pid: int | str) -> list[str]:
-    """Fields of /proc/<pid>/stat from the state (field 3 in proc(5)) on."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name before them may itself contain spaces and parentheses.
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the whole process (all threads), in clock ticks."""
-    fields = stat_fields(pid)
-    return int(fields[11]) + int(fields[12])
-
-
-def group_cpu_ticks(pgid: int) -> int:
-    """utime + stime of every live process of a process group."""
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = stat_fields(entry.name)
-            if int(fields[2]) == pgid:
-                total += int(fields[11]) + int(fields[12])
-    return total
-
-
-def busy_ticks(cores: list[int]) -> int:
-    """Ticks the given cores spent neither idle nor waiting for I/O."""
-    total = 0
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name.removeprefix("cpu") in map(str, cores):
-            # user nice system idle iowait irq softirq steal; guest time is
-            # already part of user and nice.
-            ticks = [int(value) for value in values[:8]]
-            total += sum(ticks) - ticks[3] - ticks[4]
-    return total
-
-
 @dataclasses.dataclass
 class CpuSample:
     """CPU time used so far by the proxy, nginx, the reaped wrk runs and the
@@ -314,13 +277,6 @@ class CpuSample:
                    busy_ticks([int(PROXY_CORE), int(LOAD_CORE)]))
 
 
-def fd_soft_limit(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise BenchmarkError(f"no open-files limit in /proc/{pid}/limits")
-
-
 def idle_connection_count(pid: int) -> int:
     """IDLE_CONNECTIONS, or fewer if the proxy's descriptor limit (the one it
     really runs with, after raising it itself) cannot hold that many."""
@@ -332,48 +288,11 @@ def idle_connection_count(pid: int) -> int:
     return min(IDLE_CONNECTIONS, room)
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise BenchmarkError(f"no VmRSS in /proc/{pid}/status")
-
-
-def established_on_port(port: int) -> int:
-    """TCP connections in state ESTABLISHED whose local port is `port`."""
-    local_suffix = f":{port:04X}"
-    count = 0
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            count += fields[1].endswith(local_suffix) and fields[3] == "01"
-    return count
-
-
-def metric_samples(text: str) -> list[tuple[str, float]]:
-    """(name, value) of every sample in Prometheus text format."""
-    samples = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        if "{" in line:
-            name, rest = line.split("{", 1)[0], line.rsplit("}", 1)[1]
-        else:
-            name, _, rest = line.partition(" ")
-        samples.append((name.strip(), float(rest.split()[0])))
-    return samples
-
-
 def metric_value(text: str, name: str) -> float | None:
     """Sum of all samples of `name` (over all label sets), None if absent."""
-    values = [value for sample, value in metric_samples(text) if sample == name]
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == name]
     return sum(values) if values else None
-
-
-def connection_metric_names(text: str) -> list[str]:
-    names = {name for name, _ in metric_samples(text)}
-    return sorted(name for name in names if "conn" in name or "active" in name)
 
 
 def proxy_metrics() -> str:
@@ -524,7 +443,6 @@ def measure_idle_connections(processes: Processes, proxy: Proxy) -> dict:
         "backend_established": held["backend_established"],
         "proxy_active_metric_after_close": after["proxy_metric"],
         "backend_established_after_close": after["backend_established"],
-        "connection_metric_names": connection_metric_names(proxy_metrics()),
         "rss_before_mib": rss_before,
         "rss_with_connections_mib": rss_with,
         "rss_added_mib": rss_with - rss_before,
@@ -629,122 +547,6 @@ def machine_info(proxy_dir: Path) -> dict:
     }
 
 
-# ---------------------------------------------------------------- report
-
-
-def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:,.{digits}f}{suffix}"
-
-
-def scenario_table(rows: list[dict]) -> str:
-    lines = [
-        "| scenario | target | conns | req/s | GB/s | p50 ms | p99 ms | errors "
-        "| proxy CPU µs/req | proxy cores | proxy RSS MiB | req/s × | p50 × | p99 × |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        ratios = row.get("vs_direct", {})
-        lines.append(" | ".join([
-            f"| {row['scenario']}", row["target"], str(row["connections"]),
-            fmt(row["req_per_s"], 0), fmt(row["gb_per_s"] if row["bulk"] else None, 2),
-            fmt(row["latency_ms"]["p50"], 3), fmt(row["latency_ms"]["p99"], 3),
-            str(row["errors"]),
-            fmt(row["proxy_cpu_us_per_req"], 1), fmt(row["proxy_cpu_cores"], 2),
-            fmt(row["proxy_rss_mib"], 1),
-            fmt(ratios.get("req_per_s"), 2), fmt(ratios.get("p50"), 2),
-            fmt(ratios.get("p99"), 2) + " |",
-        ]))
-    return "\n".join(lines)
-
-
-def memory_table(idle_rss: float, idle: dict) -> str:
-    n = f"{idle['requested']:,}"
-    rows = [
-        ("proxy RSS idle, right after ready", fmt(idle_rss, 1, " MiB")),
-        (f"proxy RSS holding {n} idle connections",
-         fmt(idle["rss_with_connections_mib"], 1, " MiB")),
-        (f"RSS added by {n} idle connections", fmt(idle["rss_added_mib"], 1, " MiB")),
-        (f"… scaled to {IDLE_CONNECTIONS:,}",
-         fmt(idle[f"rss_added_per_{IDLE_CONNECTIONS}_mib"], 1, " MiB")),
-        ("proxy RSS after closing them", fmt(idle["rss_after_close_mib"], 1, " MiB")),
-        ("connections opened / failed", f"{idle['connected']:,} / {idle['failed']:,}"),
-        ("still open at the client after the hold", f"{idle['open_at_client_after_hold']:,}"),
-        (f"proxy `{ACTIVE_METRIC}` while held", fmt(idle["proxy_active_metric"], 0)),
-        ("backend connections established while held", f"{idle['backend_established']:,}"),
-    ]
-    lines = ["| memory | value |", "|---|--:|"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    return "\n".join(lines)
-
-
-def print_report(results: dict) -> None:
-    machine = results["machine"]
-    print(f"\n## sidecar_proxy benchmark ({machine['date']})\n")
-    print(f"{machine['cpu_model']}, {machine['nproc']} cores; Python {machine['python']}, "
-          f"uvloop {machine['uvloop']}; {machine['nginx']}; {machine['wrk']}; "
-          f"proxy {machine['proxy_commit']}; {results['settings']['duration_s']} s per run\n")
-    print(scenario_table(results["scenarios"]) + "\n")
-    print(memory_table(results["idle_rss_mib"], results["idle_connections"]) + "\n")
-    warnings = findings(results)
-    if warnings:
-        print("### Worth a look\n")
-        print("\n".join(f"- {warning}" for warning in warnings) + "\n")
-
-
-def findings(results: dict) -> list[str]:
-    """Things in the results that make the figures suspect."""
-    return (scenario_findings(results["scenarios"])
-            + idle_findings(results["idle_connections"])
-            + proxy_findings(results["proxy"]))
-
-
-def scenario_findings(rows: list[dict]) -> list[str]:
-    notes = []
-    for row in rows:
-        run = f"{row['scenario']} / {row['target']}"
-        if row["errors"]:
-            notes.append(f"{run}: {row['errors']} wrk errors {row['errors_by_kind']}")
-        if row["other_cpu_cores"] > OTHER_LOAD_LIMIT:
-            notes.append(f"{run}: something else used {row['other_cpu_cores']:.2f} cores "
-                         f"during the run; its figures are suspect")
-    return notes
-
-
-def idle_findings(idle: dict) -> list[str]:
-    notes = []
-    if idle["requested"] < IDLE_CONNECTIONS:
-        notes.append(f"only {idle['requested']:,} idle connections: the proxy's descriptor "
-                     f"limit is {idle['proxy_fd_limit']:,} and each relayed connection "
-                     f"takes two; the {IDLE_CONNECTIONS:,} figure is scaled linearly")
-    if (idle["connected"] != idle["requested"]
-            or idle["open_at_client_after_hold"] != idle["connected"]):
-        notes.append(f"idle connections: {idle['connected']} opened, "
-                     f"{idle['open_at_client_after_hold']} still open after the hold")
-    if not idle["relayed_within_timeout"]:
-        notes.append(f"idle connections not all relayed in time: metric "
-                     f"{idle['proxy_active_metric']}, backend {idle['backend_established']}")
-    if idle["backend_established_after_close"] or idle["proxy_active_metric_after_close"]:
-        notes.append(f"after the client closed its connections: metric "
-                     f"{idle['proxy_active_metric_after_close']}, backend still "
-                     f"{idle['backend_established_after_close']}")
-    if idle["proxy_active_metric"] is None:
-        notes.append(f"no `{ACTIVE_METRIC}` in /metrics; connection metrics there: "
-                     f"{idle['connection_metric_names'] or 'none'}")
-    return notes
-
-
-def proxy_findings(proxy: dict) -> list[str]:
-    notes = []
-    if proxy["exit_code"] != 0:
-        notes.append(f"the proxy did not exit cleanly on SIGTERM (exit code "
-                     f"{proxy['exit_code']}; None = killed after {STOP_GRACE_S} s)")
-    if proxy["log_lines"]:
-        tail = "\n".join(f"    {line}" for line in proxy["log_tail"])
-        notes.append(f"the proxy logged {proxy['log_lines']} line(s) at level warning; "
-                     f"last ones:\n{tail}")
-    return notes
-
-
 # ------------------------------------------------------------------ main
 
 
@@ -763,7 +565,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes)
         "machine": machine_info(args.proxy_dir),
         "settings": {"quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
                      "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
-                     "fd_limit": args.fd_limit},
+                     "fd_limit": args.fd_limit, "idle_connections_wanted": IDLE_CONNECTIONS,
+                     "active_metric": ACTIVE_METRIC, "other_load_limit": OTHER_LOAD_LIMIT,
+                     "stop_grace_s": STOP_GRACE_S},
         "idle_rss_mib": idle_rss,
         "idle_connections": idle,
         "scenarios": rows,
