@@ -19,7 +19,8 @@ def format_duration(seconds: float) -> str:
 
 
 def _listener(l: Listener) -> dict:
-    return {"address": l.address, "port": l.port, "transparent": l.transparent, "protocol": l.protocol,
+    return {"address": l.address, "port": l.port, "transparent": l.transparent,
+            "interception": l.interception, "protocol": l.protocol,
             "routes": l.routes, "idle_timeout": format_duration(l.idle_timeout),
             "max_connections": l.max_connections, "buffer_limit": l.buffer_limit}
 

@@ -219,7 +219,7 @@ def _admin(err: _Errors, doc: Any) -> model.Admin | None:
     return model.Admin(address, port)
 
 
-_LISTENER_KEYS = {"address", "port", "transparent", "protocol", "routes", "idle_timeout",
+_LISTENER_KEYS = {"address", "port", "transparent", "interception", "protocol", "routes", "idle_timeout",
                   "max_connections", "buffer_limit"}
 
 
@@ -234,6 +234,11 @@ def _listener(err: _Errors, name: str, doc: Any) -> model.Listener | None:
     port = _get(err, path, doc, "port", int, check=_port_check)
     routes = _get(err, path, doc, "routes", str)
     transparent = _get(err, path, doc, "transparent", bool, default=False)
+    interception = _get(err, path, doc, "interception", str, default="redirect",
+                        check=lambda v: None if v in model.INTERCEPTION_MODES else
+                        f"'{v}' is not an interception mode (one of: {', '.join(model.INTERCEPTION_MODES)})")
+    if interception == "tproxy" and transparent is False:
+        err.add(_join(path, "interception"), "tproxy needs transparent: true")
 
     def protocol_check(value: str) -> str | None:
         if value in model.PROTOCOLS_SUPPORTED:
@@ -251,7 +256,8 @@ def _listener(err: _Errors, name: str, doc: Any) -> model.Listener | None:
     if len(err.items) > before:
         return None
     return model.Listener(name=name, address=address, port=port, routes=routes,
-                          transparent=transparent, protocol=protocol, idle_timeout=idle,
+                          transparent=transparent, interception=interception, protocol=protocol,
+                          idle_timeout=idle,
                           max_connections=max_conn, buffer_limit=buffer_limit)
 
 

@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 PROTOCOLS_SUPPORTED = ("tcp",)
 PROTOCOLS_PLANNED = ("auto", "http")
 
+INTERCEPTION_MODES = ("redirect", "tproxy")
+
 LB_POLICIES_SUPPORTED = ("round_robin",)
 LB_POLICIES_PLANNED = ("least_request", "random")
 
@@ -40,6 +42,11 @@ class Listener:
     port: int
     routes: str
     transparent: bool = False
+    # How a transparent listener receives connections: "redirect" (nat
+    # REDIRECT; destination from SO_ORIGINAL_DST) or "tproxy" (mangle
+    # TPROXY; the socket is IP_TRANSPARENT and the destination is the
+    # accepted socket's own local address).
+    interception: str = "redirect"
     protocol: str = "tcp"
     # A connection with no byte either way for this long is closed.
     idle_timeout: float = 3600.0
@@ -51,8 +58,16 @@ class Listener:
 
     @property
     def bind_key(self) -> tuple:
-        """What the listening socket depends on; a change means a rebind."""
-        return (self.address, self.port, self.transparent)
+        """What the listening socket depends on; a change means a rebind.
+
+        Not ``transparent`` (it only changes how we read the destination) nor
+        ``interception`` (IP_TRANSPARENT is a flag set on the live socket).
+        """
+        return (self.address, self.port)
+
+    @property
+    def tproxy(self) -> bool:
+        return self.transparent and self.interception == "tproxy"
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,10 +93,32 @@ class _Bound:
         self.server = server
 
 
-def bind_socket(address: str, port: int) -> socket.socket:
+# linux/in.h IP_TRANSPARENT, linux/in6.h IPV6_TRANSPARENT: TPROXY only hands
+# connections to listeners that carry this flag (it needs CAP_NET_ADMIN).
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+
+
+def set_transparent(sock: socket.socket, on: bool) -> None:
+    """Raises PermissionError without CAP_NET_ADMIN (or CAP_NET_RAW)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, int(on))
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, int(on))
+
+
+def check_transparent_allowed(address: str) -> None:
+    """Try the flag on a throwaway socket, so a missing capability rejects an update."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        set_transparent(probe, True)
+
+
+def bind_socket(address: str, port: int, tproxy: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if tproxy:
+            set_transparent(sock, True)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             # "::" means IPv6 only; IPv4 has its own listener. Mapped
@@ -140,9 +162,16 @@ class ListenerManager:
         to_bind = [l for n, l in config.listeners.items()
                    if n not in self._bound or self._bound[n].listener.bind_key != l.bind_key]
         errors = []
-        for listener in to_bind:
+        for listener in config.listeners.values():
+            if listener.tproxy:
+                try:
+                    check_transparent_allowed(listener.address)
+                except OSError as exc:
+                    errors.append((f"listeners.{listener.name}.interception",
+                                   f"tproxy needs CAP_NET_ADMIN for IP_TRANSPARENT: {exc.strerror or exc}"))
+        for listener in to_bind if not errors else ():
             try:
-                sock = bind_socket(listener.address, listener.port)
+                sock = bind_socket(listener.address, listener.port, listener.tproxy)
             except OSError as exc:
                 hint = ""
                 if exc.errno == errno.EADDRINUSE and self._holds_port(listener.port):
@@ -172,7 +201,8 @@ class ListenerManager:
                     replaced.server.close()
                 log.info("listener serving", extra={"fields": {
                     "listener": name, "address": format_addr((bound.listener.address, bound.listener.port)),
-                    "transparent": bound.listener.transparent}})
+                    "transparent": bound.listener.transparent,
+                    "interception": bound.listener.interception if bound.listener.transparent else ""}})
             for name in [n for n in self._bound if n not in config.listeners]:
                 self._bound.pop(name).server.close()
                 log.info("listener removed; its connections continue", extra={"fields": {"listener": name}})
@@ -180,6 +210,8 @@ class ListenerManager:
             for name in [n for n, s in self.states.items() if n not in config.listeners and not s.connections]:
                 del self.states[name]
             for name, bound in self._bound.items():
+                if bound.listener.tproxy != config.listeners[name].tproxy:
+                    set_transparent(bound.sock, config.listeners[name].tproxy)  # allowed: checked in prepare
                 bound.listener = config.listeners[name]
 
         return commit

@@ -185,10 +185,14 @@ class Relay:
         if len(state.connections) > rt.listener.max_connections:
             self.refuse("overflow")
             return
-        sock = transport.get_extra_info("socket")
-        if rt.listener.transparent:
+        if rt.listener.tproxy:
+            # TPROXY does not rewrite the packet: the accepted socket is
+            # bound to the address the client asked for.
+            self.orig_dst = transport.get_extra_info("sockname")[:2]
+            target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()
+        elif rt.listener.transparent:
             try:
-                dst = original_dst(sock)
+                dst = original_dst(transport.get_extra_info("socket"))
             except OSError:
                 self.refuse("original_dst_error")
                 return

@@ -99,6 +99,8 @@ def test_sizes(text, size):
     (mutated(listeners__out__idle_timeout="0s"), "listeners.out.idle_timeout", "greater than zero"),
     (mutated(listeners__out__buffer_limit="1KiB"), "listeners.out.buffer_limit", "4KiB..256MiB"),
     (mutated(listeners__local__routes="od"), "listeners.local.routes", "not transparent"),
+    (mutated(listeners__local__interception="tproxy"), "listeners.local.interception", "needs transparent: true"),
+    (mutated(listeners__out__interception="nat"), "listeners.out.interception", "not an interception mode"),
     (mutated(listeners__local__port=15000), "listeners.local.port", "overlaps admin"),
     (mutated(listeners__local__port=15001), "listeners.local.port", "overlaps listeners.out"),
     (mutated(clusters__payments__connect_timeout=1), "clusters.payments.connect_timeout", "with a unit"),

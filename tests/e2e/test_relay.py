@@ -278,6 +278,22 @@ def test_connection_keeps_its_snapshot_and_moved_listener_keeps_established(prox
             socket.create_connection(("127.0.0.1", old_port), timeout=2)
 
 
+def test_flipping_transparent_keeps_the_listening_socket(proxies, servers):
+    # transparent changes how the destination is read, not the socket: a
+    # reload must not try to rebind the same port (which would fail).
+    server = servers(echo_handler)
+    proxy = proxies(relay_config(server.port))
+    with connect(proxy) as established:
+        flipped = dict(proxy.config, listeners={"relay": dict(proxy.config["listeners"]["relay"], transparent=True)})
+        status, body = proxy.post_config(flipped)
+        assert status == 200, body
+        established.sendall(b"same socket")
+        assert established.recv(20) == b"same socket"
+    with connect(proxy) as fresh:
+        fresh.sendall(b"x")
+        assert fresh.recv(1) == b"x"
+
+
 def test_bind_failure_rejects_the_update_and_keeps_the_old_listeners(proxies, servers):
     server = servers(echo_handler)
     proxy = proxies(relay_config(server.port))
