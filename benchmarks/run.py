@@ -3,8 +3,10 @@
 
 Usage: python3 benchmarks/run.py [--quick] [--duration S] [--json OUT]
 benchmarks/README.md explains every figure. This is a developer tool; CI
-must not run it. The /proc readers are in procfs.py, the printed report in
-report.py.
+must not run it. This module drives the run and takes the measurements; the
+targets and scenarios are in settings.py, starting and stopping nginx and the
+proxy in processes.py, the checks and machine info in environment.py, the
+/proc readers in procfs.py and the printed report in report.py.
 """
 
 from __future__ import annotations
@@ -12,50 +14,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import http.client
-import importlib.metadata
 import json
 import os
-import platform
-import pwd
 import resource
 import select
-import shutil
 import signal
-import socket
-import string
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from environment import check_environment, check_ports_free, machine_info, raise_fd_limit
+from processes import (STOP_GRACE_S, Processes, Proxy, http_get, start_nginx, start_proxy,
+                       wait_until)
 from procfs import (BenchmarkError, busy_ticks, cpu_ticks, established_on_port, fd_soft_limit,
                     group_cpu_ticks, rss_mib)
 from report import print_report
+from settings import (ADMIN_PORT, BACKEND_PORT, HOST, IDLE_TARGET, LOAD_CORE, PROXY_CORE,
+                      SCENARIOS, TARGETS, Scenario, Target)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-NGINX_TEMPLATE = BENCH_DIR / "nginx.conf.tmpl"
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
 IDLE_CLIENT = BENCH_DIR / "idle_clients.py"
 
-HOST = "127.0.0.1"
-ADMIN_PORT = 19000
-BACKEND_PORT = 19080
-PROXY_CORE = "0"
-# wrk and nginx share the other core, so nothing competes with the proxy for
-# its core and the proxy's CPU time is not inflated by cache or run-queue noise.
-LOAD_CORE = "1"
-
 IDLE_CONNECTIONS = 10_000
-# A relayed connection costs the proxy two descriptors, so 10,000 of them do
-# not fit in a hard limit of 20,000, a common default.
-FD_LIMIT_WANTED = 65_536
 # Descriptors the proxy may open besides relayed connections while the idle
 # test runs (admin requests, logging).
 FD_MARGIN = 64
@@ -64,195 +50,10 @@ FD_MARGIN = 64
 OTHER_LOAD_LIMIT = 0.05
 ACTIVE_METRIC = "sidecar_tcp_connections_active"
 
-DRAIN_TIME_S = 1
-STOP_GRACE_S = DRAIN_TIME_S + 4
-STARTUP_TIMEOUT_S = 15
 # Lets connections closed by a finished wrk run be torn down before the next
 # CPU sample, so each run is charged for its own teardown only.
 SETTLE_S = 0.5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """Where wrk sends requests. A target with a listener goes through the
-    proxy: the listener, completed with address and port, is added to the
-    proxy's config under the target's name."""
-
-    name: str
-    port: int
-    listener: dict | None = None
-    scheme: str = "http"
-
-    @property
-    def via_proxy(self) -> bool:
-        return self.listener is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-    """One wrk workload, run against every target."""
-
-    name: str
-    path: str
-    connections: int
-    # The headline figure of a bulk scenario is GB/s rather than req/s.
-    bulk: bool = False
-
-
-TARGETS = (
-    Target("direct", BACKEND_PORT),
-    Target("proxy_l4", 19001, listener={"protocol": "tcp", "routes": "main"}),
-)
-# The target through which the idle-connection memory test connects.
-IDLE_TARGET = "proxy_l4"
-
-SCENARIOS = (
-    # Direct req/s stops growing at about 25 connections on the 2-core machine
-    # this was tuned on; 50 leaves headroom for a slower proxy to be saturated,
-    # and more would only add queueing to the latency.
-    Scenario("small keep-alive", "/small", connections=50),
-    # Direct throughput is about flat from 1 to 8 streams; 4 keep the proxy
-    # busy in both directions while wrk waits on the others.
-    Scenario("1 MiB bulk", "/1m", connections=4, bulk=True),
-)
-
-
-# ---------------------------------------------------------------- processes
-
-
-class Processes:
-    """Every process the harness starts. Each runs in its own session, so a
-    Ctrl-C on the terminal reaches only the harness, and stopping a process
-    group also stops its children (nginx's worker)."""
-
-    def __init__(self) -> None:
-        self._running: list[subprocess.Popen] = []
-
-    def start(self, cmd: list[str], core: str, **popen_args) -> subprocess.Popen:
-        proc = subprocess.Popen(["taskset", "-c", core, *cmd], start_new_session=True,
-                                **popen_args)
-        self._running.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> int | None:
-        """SIGTERM, then SIGKILL after a grace period, to the process group.
-        Returns the exit code, or None if the process had to be killed."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            code = proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        self._running.remove(proc)
-        return code
-
-    def stop_all(self) -> None:
-        for proc in reversed(self._running[:]):
-            self.stop(proc)
-
-
-@dataclasses.dataclass
-class Proxy:
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def ensure_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise BenchmarkError(f"the proxy exited with code {self.proc.returncode}; "
-                                 f"its log ends with:\n{log_tail(self.log)}")
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:]) or "(nothing)"
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    # http.client rather than urllib: urllib would honour http_proxy variables.
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    finally:
-        conn.close()
-
-
-def wait_for_http_200(port: int, path: str, proc: subprocess.Popen, log: Path, what: str) -> None:
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise BenchmarkError(f"{what} exited with code {proc.returncode} while starting; "
-                                 f"its log ends with:\n{log_tail(log)}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            return http_get(port, path)[0] == 200
-        return False
-
-    if not wait_until(ready, STARTUP_TIMEOUT_S):
-        raise BenchmarkError(f"{what} did not answer 200 on {HOST}:{port}{path} within "
-                             f"{STARTUP_TIMEOUT_S} s; its log ends with:\n{log_tail(log)}")
-
-
-def start_nginx(processes: Processes, workdir: Path, fd_limit: int) -> subprocess.Popen:
-    docroot = workdir / "www"
-    docroot.mkdir()
-    (docroot / "1m").write_bytes(os.urandom(1 << 20))
-    conf = workdir / "nginx.conf"
-    conf.write_text(string.Template(NGINX_TEMPLATE.read_text()).substitute(
-        user=pwd.getpwuid(os.geteuid()).pw_name, prefix=workdir, docroot=docroot,
-        address=HOST, port=BACKEND_PORT,
-        # nginx holds one descriptor per connection; the rest is headroom.
-        rlimit_nofile=fd_limit, worker_connections=fd_limit - 1024))
-    log = workdir / "nginx-error.log"
-    with log.open("ab") as stderr:
-        proc = processes.start(["nginx", "-c", str(conf), "-p", str(workdir)], LOAD_CORE,
-                               stdout=subprocess.DEVNULL, stderr=stderr)
-    wait_for_http_200(BACKEND_PORT, "/small", proc, log, "nginx")
-    return proc
-
-
-def proxy_config() -> dict:
-    listeners = {target.name: {"address": HOST, "port": target.port, **target.listener}
-                 for target in TARGETS if target.via_proxy}
-    return {
-        "version": 1,
-        "node": {"id": "bench"},
-        "admin": {"address": HOST, "port": ADMIN_PORT},
-        "listeners": listeners,
-        "clusters": {"backend": {"endpoints": [f"{HOST}:{BACKEND_PORT}"],
-                                 "connect_timeout": "1s"}},
-        "route_tables": {"main": [{"match": {}, "cluster": "backend"}]},
-    }
-
-
-def start_proxy(processes: Processes, workdir: Path, proxy_dir: Path) -> Proxy:
-    config = workdir / "proxy.yaml"
-    config.write_text(yaml.safe_dump(proxy_config(), sort_keys=False))
-    log = workdir / "proxy.log"
-    cmd = [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(config),
-           "--log-level", "warning", "--drain-time-s", str(DRAIN_TIME_S)]
-    # cwd puts the checkout being measured first on sys.path, ahead of any
-    # installed copy of sidecar_proxy.
-    with log.open("ab") as output:
-        proc = processes.start(cmd, PROXY_CORE, cwd=proxy_dir, stdout=output, stderr=output)
-    wait_for_http_200(ADMIN_PORT, "/ready", proc, log, "the proxy")
-    return Proxy(proc, log)
 
 
 # ------------------------------------------------------------ measurements
@@ -450,100 +251,6 @@ def measure_idle_connections(processes: Processes, proxy: Proxy) -> dict:
         f"rss_added_per_{IDLE_CONNECTIONS}_mib": (rss_with - rss_before) * IDLE_CONNECTIONS / count,
         "proxy_fd_limit": fd_soft_limit(proxy.pid),
         "rss_after_close_mib": rss_mib(proxy.pid),
-    }
-
-
-# ------------------------------------------------------------ environment
-
-
-def raise_fd_limit() -> int:
-    """Raises RLIMIT_NOFILE, which every child inherits, as far as allowed
-    (a hard limit goes up only with CAP_SYS_RESOURCE); returns the limit."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < FD_LIMIT_WANTED:
-        with contextlib.suppress(ValueError, PermissionError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT_WANTED, FD_LIMIT_WANTED))
-            hard = FD_LIMIT_WANTED
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def check_environment() -> None:
-    missing = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]
-    if missing:
-        raise BenchmarkError(f"missing tools: {', '.join(missing)} "
-                             f"(apt-get install wrk nginx-light util-linux)")
-    cores = os.sched_getaffinity(0)
-    if not {int(PROXY_CORE), int(LOAD_CORE)} <= cores:
-        raise BenchmarkError(f"needs cores {PROXY_CORE} and {LOAD_CORE}; "
-                             f"this process may use {sorted(cores)}")
-
-
-def check_ports_free() -> None:
-    ports = [ADMIN_PORT, BACKEND_PORT, *(t.port for t in TARGETS if t.via_proxy)]
-    busy = []
-    for port in ports:
-        with socket.socket() as probe:
-            # As the servers themselves will: connections in TIME_WAIT from a
-            # previous run do not make the port busy.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((HOST, port))
-                probe.listen()
-            except OSError:
-                busy.append(port)
-    if busy:
-        raise BenchmarkError(f"port(s) {', '.join(map(str, busy))} on {HOST} already in use; "
-                             f"see `ss -ltnp` for who holds them")
-
-
-def run_quietly(cmd: list[str]) -> subprocess.CompletedProcess | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def tool_version(cmd: list[str]) -> str | None:
-    result = run_quietly(cmd)
-    # nginx -v writes to stderr; wrk -v exits with 1 after its version line.
-    output = (result.stdout or result.stderr).strip() if result else ""
-    return output.splitlines()[0] if output else None
-
-
-def git_revision(checkout: Path) -> str | None:
-    head = run_quietly(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
-    if head is None or head.returncode != 0:
-        return None
-    status = run_quietly(["git", "-C", str(checkout), "status", "--porcelain"])
-    dirty = status is not None and bool(status.stdout.strip())
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def cpu_model() -> str | None:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def package_version(name: str) -> str | None:
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        return importlib.metadata.version(name)
-    return None
-
-
-def machine_info(proxy_dir: Path) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": package_version("uvloop"),
-        "nginx": tool_version(["nginx", "-v"]),
-        "wrk": tool_version(["wrk", "-v"]),
-        "proxy_commit": git_revision(proxy_dir),
     }
 
 

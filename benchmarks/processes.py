@@ -1,0 +1,166 @@
+"""The processes the benchmark harness (run.py) starts, and how it starts,
+waits for and stops them: nginx as the backend, the proxy, and the Processes
+registry through which every child (wrk and the idle client too) is started
+pinned to a core and stopped on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import os
+import pwd
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from procfs import BenchmarkError
+from settings import ADMIN_PORT, BACKEND_PORT, HOST, LOAD_CORE, PROXY_CORE, TARGETS
+
+NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.tmpl"
+
+DRAIN_TIME_S = 1
+# How long Processes.stop waits after SIGTERM: the proxy drains for
+# DRAIN_TIME_S first, and the rest is headroom for its shutdown.
+STOP_GRACE_S = DRAIN_TIME_S + 4
+STARTUP_TIMEOUT_S = 15
+
+
+class Processes:
+    """Every process the harness starts. Each runs in its own session, so a
+    Ctrl-C on the terminal reaches only the harness, and stopping a process
+    group also stops its children (nginx's worker)."""
+
+    def __init__(self) -> None:
+        self._running: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], core: str, **popen_args) -> subprocess.Popen:
+        proc = subprocess.Popen(["taskset", "-c", core, *cmd], start_new_session=True,
+                                **popen_args)
+        self._running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> int | None:
+        """SIGTERM, then SIGKILL after a grace period, to the process group.
+        Returns the exit code, or None if the process had to be killed."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self._running.remove(proc)
+        return code
+
+    def stop_all(self) -> None:
+        for proc in reversed(self._running[:]):
+            self.stop(proc)
+
+
+@dataclasses.dataclass
+class Proxy:
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ensure_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchmarkError(f"the proxy exited with code {self.proc.returncode}; "
+                                 f"its log ends with:\n{log_tail(self.log)}")
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:]) or "(nothing)"
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    # http.client rather than urllib: urllib would honour http_proxy variables.
+    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def wait_for_http_200(port: int, path: str, proc: subprocess.Popen, log: Path, what: str) -> None:
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise BenchmarkError(f"{what} exited with code {proc.returncode} while starting; "
+                                 f"its log ends with:\n{log_tail(log)}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            return http_get(port, path)[0] == 200
+        return False
+
+    if not wait_until(ready, STARTUP_TIMEOUT_S):
+        raise BenchmarkError(f"{what} did not answer 200 on {HOST}:{port}{path} within "
+                             f"{STARTUP_TIMEOUT_S} s; its log ends with:\n{log_tail(log)}")
+
+
+def start_nginx(processes: Processes, workdir: Path, fd_limit: int) -> subprocess.Popen:
+    docroot = workdir / "www"
+    docroot.mkdir()
+    (docroot / "1m").write_bytes(os.urandom(1 << 20))
+    conf = workdir / "nginx.conf"
+    conf.write_text(string.Template(NGINX_TEMPLATE.read_text()).substitute(
+        user=pwd.getpwuid(os.geteuid()).pw_name, prefix=workdir, docroot=docroot,
+        address=HOST, port=BACKEND_PORT,
+        # nginx holds one descriptor per connection; the rest is headroom.
+        rlimit_nofile=fd_limit, worker_connections=fd_limit - 1024))
+    log = workdir / "nginx-error.log"
+    with log.open("ab") as stderr:
+        proc = processes.start(["nginx", "-c", str(conf), "-p", str(workdir)], LOAD_CORE,
+                               stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for_http_200(BACKEND_PORT, "/small", proc, log, "nginx")
+    return proc
+
+
+def proxy_config() -> dict:
+    listeners = {target.name: {"address": HOST, "port": target.port, **target.listener}
+                 for target in TARGETS if target.via_proxy}
+    return {
+        "version": 1,
+        "node": {"id": "bench"},
+        "admin": {"address": HOST, "port": ADMIN_PORT},
+        "listeners": listeners,
+        "clusters": {"backend": {"endpoints": [f"{HOST}:{BACKEND_PORT}"],
+                                 "connect_timeout": "1s"}},
+        "route_tables": {"main": [{"match": {}, "cluster": "backend"}]},
+    }
+
+
+def start_proxy(processes: Processes, workdir: Path, proxy_dir: Path) -> Proxy:
+    config = workdir / "proxy.yaml"
+    config.write_text(yaml.safe_dump(proxy_config(), sort_keys=False))
+    log = workdir / "proxy.log"
+    cmd = [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(config),
+           "--log-level", "warning", "--drain-time-s", str(DRAIN_TIME_S)]
+    # cwd puts the checkout being measured first on sys.path, ahead of any
+    # installed copy of sidecar_proxy.
+    with log.open("ab") as output:
+        proc = processes.start(cmd, PROXY_CORE, cwd=proxy_dir, stdout=output, stderr=output)
+    wait_for_http_200(ADMIN_PORT, "/ready", proc, log, "the proxy")
+    return Proxy(proc, log)
