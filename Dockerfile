@@ -6,6 +6,12 @@ FROM python:3.11-slim
 WORKDIR /opt/sidecar-proxy
 COPY pyproject.toml README.md ./
 COPY sidecar_proxy ./sidecar_proxy
+# iptables is for the init container (iptables/init-entrypoint.sh), which runs
+# this same image with NET_ADMIN before the app starts.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+COPY iptables/init-entrypoint.sh /usr/local/bin/sidecar-init
 RUN pip install --no-cache-dir . \
  && groupadd --gid 1337 sidecar \
  && useradd --uid 1337 --gid 1337 --no-create-home --shell /usr/sbin/nologin sidecar

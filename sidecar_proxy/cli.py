@@ -1,4 +1,4 @@
-"""``sidecar-proxy run | validate | demo``.
+"""``sidecar-proxy run | validate | init-iptables | demo``.
 
 Exit codes: 0 success; 1 the config is invalid or the daemon could not start
 (the reason is printed, never a traceback); 2 bad command-line usage.
@@ -27,6 +27,19 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a config and print every error with its path")
     validate.add_argument("--config", type=Path, required=True)
+
+    init = sub.add_parser("init-iptables", help="install the pod's interception rules (run once by the init "
+                                                "container, with NET_ADMIN)")
+    from .interception import options as intercept_options
+    intercept_options.add_arguments(init)
+    action = init.add_mutually_exclusive_group()
+    action.add_argument("--dry-run", action="store_true",
+                        help="print the exact rules (and policy routing) and change nothing")
+    action.add_argument("--cleanup", action="store_true",
+                        help="remove exactly what init-iptables installs, nothing else")
+    init.add_argument("--verify", action="store_true",
+                      help="after installing, prove that a connection is redirected to the outbound port and "
+                           "that the proxy's own uid/gid is not")
 
     demo = sub.add_parser("demo", help="run the proxy on the embedded default config and relay real traffic "
                                        "through it to a local backend")
@@ -74,10 +87,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return uvloop.run(main())
 
 
+def cmd_init_iptables(args: argparse.Namespace) -> int:
+    from .interception import apply, options
+
+    try:
+        opts = options.from_namespace(args)
+    except options.OptionError as exc:
+        print(f"init-iptables: {exc}", file=sys.stderr)
+        return 2
+    if args.verify and (args.dry_run or args.cleanup):
+        print("init-iptables: --verify goes with installing, not with --dry-run or --cleanup", file=sys.stderr)
+        return 2
+    if not args.dry_run and not apply.has_net_admin():
+        print("init-iptables: this process lacks CAP_NET_ADMIN, which changing iptables needs (give the init "
+              "container securityContext.capabilities.add: [NET_ADMIN]); nothing was changed", file=sys.stderr)
+        return 1
+    try:
+        backend = opts.backend if opts.backend != "auto" else apply.detect_backend()
+        fams = apply.families(opts, backend)
+        if args.dry_run:
+            sys.stdout.write(apply.dry_run(opts, backend, fams))
+            return 0
+        done = apply.cleanup(opts, backend, fams) if args.cleanup else apply.install(opts, backend, fams)
+        if args.verify:
+            done += [apply.verify_family(opts, family) for family in fams]
+    except apply.InterceptError as exc:
+        print(f"init-iptables: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # netlink (pyroute2) and socket errors
+        print(f"init-iptables: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for line in done or ["nothing to do"]:
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "init-iptables":
+        return cmd_init_iptables(args)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(args.duration)
