@@ -9,6 +9,8 @@ import contextlib
 import hashlib
 import http.client
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,10 +20,35 @@ import time
 from pathlib import Path
 from typing import Callable, ContextManager
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from .e2e import netns
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def skip_unless_possible(reason: str | None, what: str) -> None:
+    """Skip a test that cannot run on this machine, naming why; under CI=true fail instead.
+
+    CI runs as root with namespaces and iptables, so a skip there would only
+    hide a missing install step.
+    """
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {what} can't run: {reason}")
+    pytest.skip(reason)
+
+
+def require_netns() -> None:
+    skip_unless_possible(netns.unavailable_reason(), "the network-namespace tests")
+
+
+def require_tools(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    skip_unless_possible(f"needs {', '.join(missing)}" if missing else None, "these tests")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -247,3 +274,18 @@ def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
         total += len(data)
     return b"".join(chunks)
 
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def round_trip_upper(sock: socket.socket, payload: bytes) -> None:
+    """Send to an upper-casing server (tests/e2e/conftest.UpperServer) and check the answer."""
+    sock.sendall(payload)
+    assert recv_exactly(sock, len(payload)) == payload.upper()

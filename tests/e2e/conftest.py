@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -29,27 +28,6 @@ DRAIN_TIME_S = 2
 LOG_TAIL_CHARS = 6000
 
 _PROXIES = pytest.StashKey[list]()
-
-
-def require_netns() -> None:
-    """Skip the calling test when network namespaces are unavailable.
-
-    The one place deciding this for every namespace test. Under CI=true the
-    tests must run (CI is root), so a missing prerequisite fails them instead.
-    """
-    reason = netns.unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but network-namespace tests can't run: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def _netns_ready():
-    """Check prerequisites once per session and sweep namespaces of dead runs."""
-    require_netns()
-    netns.remove_stale_namespaces()
 
 
 @pytest.fixture

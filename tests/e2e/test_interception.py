@@ -37,17 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 from typing import Sequence
 
 import pytest
 
-from ..support import REPO_ROOT
+from ..support import REPO_ROOT, require_tools, round_trip_upper
 from . import netns
 from .netns import POD_V4, POD_V6, REMOTE_V4, REMOTE_V6, connect_from, run_in
 
@@ -124,17 +121,6 @@ def pod_config(inbound_mode: str = "redirect") -> dict:
     }
 
 
-def _require_tools() -> None:
-    """Like ``require_netns``: skip when a tool is missing, fail under CI=true."""
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
-    if not missing:
-        return
-    reason = f"needs {', '.join(missing)}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but the interception tests can't run: {reason}")
-    pytest.skip(reason)
-
-
 def prepare_pod(pair: netns.NetnsPair) -> None:
     """Give the pod a default route (via the remote end, which forwards nothing)."""
     run_in(pair.pod, ["ip", "-4", "route", "add", "default", "via", REMOTE_V4])
@@ -152,7 +138,7 @@ def add_foreign_rules(namespace: str) -> None:
 @pytest.fixture
 def pod(netns_pair) -> netns.NetnsPair:
     """A fresh pod/remote pair, the pod with a default route."""
-    _require_tools()
+    require_tools(*REQUIRED_TOOLS)
     prepare_pod(netns_pair)
     return netns_pair
 
@@ -292,21 +278,6 @@ def any_address(host: str) -> str:
     return "::" if ":" in host else "0.0.0.0"
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def round_trip(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(payload)
-    assert recv_exactly(sock, len(payload)) == payload.upper()
-
-
 def opened(proxy) -> dict[str, float]:
     metrics = proxy.metrics()
     return {name: metrics.get((OPENED, (("listener", name),)), 0.0) for name in LISTENERS}
@@ -316,7 +287,7 @@ def through_proxy(proxy, server, namespace: str, host: str, port: int, listener:
     """Dial host:port from ``namespace``; the proxy must be in between. Returns its /connections entry."""
     peers_before = len(server.wait_for_peers(0, timeout=0))
     with contextlib.closing(connect_from(namespace, host, port)) as sock:
-        round_trip(sock, b"through the sidecar")
+        round_trip_upper(sock, b"through the sidecar")
         local = sock.getsockname()[:2]
         connections = proxy.connections()
         entries = [c for c in connections if c["original_destination"] == endpoint(host, port)]
@@ -338,7 +309,7 @@ def direct(proxy, server, namespace: str, host: str, port: int) -> None:
     before = opened(proxy)
     peers_before = len(server.wait_for_peers(0, timeout=0))
     with contextlib.closing(connect_from(namespace, host, port)) as sock:
-        round_trip(sock, b"straight there")
+        round_trip_upper(sock, b"straight there")
         local = sock.getsockname()[:2]
         connections = proxy.connections()
         assert connections == [], f"{endpoint(*local)} -> {endpoint(host, port)} went through the proxy: " \

@@ -11,10 +11,10 @@ so its own upstream connection is not redirected back into itself.
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import pytest
 
+from ..support import round_trip_upper
 from .netns import POD_V4, POD_V6, REMOTE_V4, REMOTE_V6, connect_from, run_in
 
 pytestmark = pytest.mark.e2e
@@ -62,21 +62,6 @@ def redirect_app_port(pod: str) -> None:
                      "-j", "REDIRECT", "--to-ports", str(OUTBOUND_PORT)])
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def round_trip(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(payload)
-    assert recv_exactly(sock, len(payload)) == payload.upper()
-
-
 def probe_answer(namespace: str, host: str, port: int) -> bytes:
     """Connect, send a probe and return what comes back before the connection ends.
 
@@ -104,7 +89,7 @@ def test_redirected_connection_reaches_original_destination(
 ):
     server = start_upper_server(netns_pair.remote, remote, APP_PORT)
     with contextlib.closing(connect_from(netns_pair.pod, remote, APP_PORT)) as app:
-        round_trip(app, b"hello through the sidecar")
+        round_trip_upper(app, b"hello through the sidecar")
         app_host, app_port = app.getsockname()[:2]
 
         connections = proxy.connections()
@@ -158,7 +143,7 @@ def test_connection_to_own_listener_is_refused_as_redirect_loop(
 def test_unmatched_port_goes_direct(netns_pair, proxy, start_upper_server, remote):
     server = start_upper_server(netns_pair.remote, remote, UNMATCHED_PORT)
     with contextlib.closing(connect_from(netns_pair.pod, remote, UNMATCHED_PORT)) as app:
-        round_trip(app, b"straight to the server")
+        round_trip_upper(app, b"straight to the server")
         app_address = app.getsockname()[:2]
         assert proxy.connections() == []
 

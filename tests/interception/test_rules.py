@@ -36,6 +36,7 @@ from sidecar_proxy.interception.rules import (
 )
 
 from ..e2e import netns
+from ..support import skip_unless_possible
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -358,25 +359,6 @@ COMMIT
 _namespaces = itertools.count()
 
 
-def require_netns() -> None:
-    """Skip without root / ``ip netns``; under CI=true fail instead (as tests/e2e does)."""
-    reason = netns.unavailable_reason()
-    if reason is not None:
-        _skip_or_fail(reason)
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but the iptables namespace tests can't run: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def _netns_ready():
-    require_netns()
-    netns.remove_stale_namespaces()
-
-
 class Tables:
     """One backend's iptables-restore / iptables-save for one family, inside a namespace."""
 
@@ -403,7 +385,7 @@ def backend(request, _netns_ready):
     missing = [f"{tool}-{request.param}-{verb}" for tool in ("iptables", "ip6tables") for verb in ("restore", "save")
                if shutil.which(f"{tool}-{request.param}-{verb}") is None]
     if missing:
-        _skip_or_fail(f"{', '.join(missing)} not installed")
+        skip_unless_possible(f"{', '.join(missing)} not installed", "the iptables namespace tests")
     return request.param
 
 
