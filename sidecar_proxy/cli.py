@@ -45,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
                                        "through it to a local backend")
     demo.add_argument("--duration", type=float, default=None, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
+
+    ctl = sub.add_parser("control-server", help="serve listeners, routes, clusters and endpoints from files to "
+                                                "proxies (xDS-style REST long-poll)")
+    ctl.add_argument("--dir", type=Path, required=True, metavar="PATH",
+                     help="directory with listeners.yaml, routes.yaml, clusters.yaml, endpoints.yaml "
+                          "(a missing file is an empty list)")
+    ctl.add_argument("--address", default="127.0.0.1")
+    ctl.add_argument("--port", type=int, default=15010)
+    ctl.add_argument("--max-wait-s", type=float, default=30.0, metavar="S",
+                     help="how long a poll at the current version is held before 304 (default 30)")
+    ctl.add_argument("--poll-interval-s", type=float, default=0.2, metavar="S",
+                     help="how often the files are checked for changes (default 0.2)")
+    ctl.add_argument("--log-level", choices=logs.LEVELS, default="info")
+    ctl.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -85,6 +99,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await app.run(config, AdminServer(build_routes(app)))
 
     return uvloop.run(main())
+
+
+def cmd_control_server(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .control import server
+
+    logs.configure(args.log_level, args.log_format)
+    if args.max_wait_s <= 0 or args.poll_interval_s <= 0:
+        print("control-server: --max-wait-s and --poll-interval-s must be positive", file=sys.stderr)
+        return 2
+    if not 1 <= args.port <= 65535:
+        print("control-server: --port must be 1..65535", file=sys.stderr)
+        return 2
+    if not args.dir.is_dir():
+        print(f"control-server: --dir {args.dir}: not a directory", file=sys.stderr)
+        return 1
+    return uvloop.run(server.serve(args.dir, args.address, args.port, max_wait=args.max_wait_s,
+                                   poll_interval=args.poll_interval_s))
 
 
 def cmd_init_iptables(args: argparse.Namespace) -> int:
@@ -128,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args)
     if args.command == "init-iptables":
         return cmd_init_iptables(args)
+    if args.command == "control-server":
+        return cmd_control_server(args)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(args.duration)

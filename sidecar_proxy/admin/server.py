@@ -61,9 +61,10 @@ class _BadRequest(Exception):
 
 
 class AdminServer:
-    def __init__(self, routes: dict[str, dict[str, Handler]]) -> None:
+    def __init__(self, routes: dict[str, dict[str, Handler]], max_connections: int = MAX_CONNECTIONS) -> None:
         # path -> method -> handler. Listing methods per path gives 405 + Allow.
         self.routes = routes
+        self.max_connections = max_connections
         self.server: asyncio.AbstractServer | None = None
         self._open = 0
 
@@ -75,7 +76,7 @@ class AdminServer:
             self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= MAX_CONNECTIONS:
+        if self._open >= self.max_connections:
             writer.close()
             return
         self._open += 1
