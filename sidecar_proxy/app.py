@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import load
 from .config.model import Config
 from .config.snapshot import Snapshot, SnapshotStore, UpdateRejected
+from .control.client import ControlClient
 from .telemetry.metrics import Metrics
 from .transport.listeners import ListenerManager
 
@@ -66,16 +67,20 @@ class App:
         self._stop = asyncio.Event()
         self._drain_task: asyncio.Task | None = None
         self.last_reload_error: dict | None = None
+        self.control: ControlClient | None = None
+        self.metrics.loop_tasks.set_function(lambda: len(asyncio.all_tasks(self.loop)))
+        self.metrics.config_age.set_function(
+            lambda: time.time() - self.store.current.loaded_at if self.store.current else 0.0)
 
     # --- config
 
-    async def apply(self, config: Config, source: str) -> Snapshot:
+    async def apply(self, config: Config, source: str, versions: dict[str, str] | None = None) -> Snapshot:
         """Make ``config`` live or raise UpdateRejected; the old one stays on failure."""
         async with self._update_lock:
             try:
-                snapshot = await self.store.apply(config, source)
+                snapshot = await self.store.apply(config, source, versions)
             except UpdateRejected as exc:
-                self._rejected(source, exc.errors)
+                self.record_rejection(source, exc.errors)
                 raise
         self.metrics.config_reloads.labels(source=source, result="applied").inc()
         self.metrics.ready.set(1 if self.is_ready()[0] else 0)
@@ -84,27 +89,42 @@ class App:
             "listeners": len(config.listeners), "clusters": len(config.clusters)}})
         return snapshot
 
-    def _rejected(self, source: str, errors: list[tuple[str, str]]) -> None:
+    def record_rejection(self, source: str, errors: list[tuple[str, str]]) -> None:
         self.metrics.config_reloads.labels(source=source, result="rejected").inc()
         self.last_reload_error = {"source": source, "at": time.time(),
                                   "errors": [{"path": p, "error": m} for p, m in errors]}
         log.error("config rejected; the live config is unchanged", extra={"fields": {
             "source": source, "errors": "; ".join(f"{p}: {m}" if p else m for p, m in errors)}})
 
-    async def apply_text(self, text: bytes | str, source: str) -> Snapshot:
+    async def apply_document(self, doc: dict, source: str, versions: dict[str, str] | None = None) -> Snapshot:
         try:
-            config = load.load_text(text)
+            config = load.build(doc)
         except load.ConfigError as exc:
-            self._rejected(source, exc.errors)
+            self.record_rejection(source, exc.errors)
             raise UpdateRejected(exc.errors) from None
-        return await self.apply(config, source)
+        return await self.apply(config, source, versions)
+
+    async def apply_text(self, text: bytes | str, source: str) -> Snapshot:
+        """A new config file or POST /config body.
+
+        With a control server it replaces the bootstrap: the resources from
+        the server are merged onto it again.
+        """
+        try:
+            doc = load.parse_text(text)
+        except load.ConfigError as exc:
+            self.record_rejection(source, exc.errors)
+            raise UpdateRejected(exc.errors) from None
+        if self.control is not None:
+            return await self.control.rebase(doc, source)
+        return await self.apply_document(doc, source)
 
     async def reload_file(self, source: str = "sighup") -> None:
         path = self.config_path or load.default_config_path()
         try:
             data = path.read_bytes()
         except OSError as exc:
-            self._rejected(source, [("", f"cannot read {path}: {exc.strerror or exc}")])
+            self.record_rejection(source, [("", f"cannot read {path}: {exc.strerror or exc}")])
             return
         try:
             await self.apply_text(data, source)
@@ -118,6 +138,8 @@ class App:
             return False, "draining"
         if self.store.current is None:
             return False, "no config loaded yet"
+        if self.control is not None and not self.control.ready:
+            return False, self.control.waiting_reason()
         missing = set(self.store.current.config.listeners) - set(self.listeners.bound_addresses())
         if missing:
             return False, f"listeners not bound: {', '.join(sorted(missing))}"
@@ -164,12 +186,18 @@ class App:
         except UpdateRejected:
             admin_server.close()
             return 1
+        if initial.control is not None:
+            # The file is the bootstrap; the server's resources are merged onto it.
+            self.control = ControlClient(self, initial.control, initial.node.id, dict(initial.source_document))
+            self.control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload_file()))
         log.info("ready", extra={"fields": {"admin": f"{initial.admin.address}:{initial.admin.port}",
                                             "fd_limit": fd_limit}})
         await self._stop.wait()
+        if self.control is not None:
+            await self.control.stop()
         await self._drain_task
         admin_server.close()
         log.info("exiting", extra={"fields": {"uptime_s": round(time.time() - self.started_at, 1)}})

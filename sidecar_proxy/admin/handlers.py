@@ -31,9 +31,11 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
     async def config_dump(_: Request) -> Response:
         snap = app.store.current
         doc = {"live": None, "last_rejected": app.last_reload_error,
+               "control": app.control.status() if app.control is not None else None,
                "listeners_bound": {n: format_addr(a) for n, a in app.listeners.bound_addresses().items()}}
         if snap is not None:
             doc["live"] = {"version": snap.version, "digest": snap.digest, "source": snap.source,
+                           "resource_versions": dict(snap.versions),
                            "loaded_at": snap.loaded_at, "age_s": round(time.time() - snap.loaded_at, 3),
                            "config": to_document(snap.config)}
         return json_response(200, doc)

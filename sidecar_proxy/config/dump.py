@@ -45,4 +45,10 @@ def to_document(config: Config) -> dict:
     }
     if config.node.identity:
         doc["node"]["identity"] = config.node.identity
+    if config.control is not None:
+        c = config.control
+        doc["control"] = {"server": c.server, "initial_fetch_timeout": format_duration(c.initial_fetch_timeout),
+                          "backoff_max": format_duration(c.backoff_max)}
+        if c.cache:
+            doc["control"]["cache"] = c.cache
     return doc

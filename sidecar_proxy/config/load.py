@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -34,7 +35,7 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
 # and a config written for a newer proxy fails loudly instead of silently
 # running without, say, mTLS.
 _PLANNED = {
-    "": {"tls", "telemetry", "control"},
+    "": {"tls", "telemetry"},
     "listener": {"opaque_ports", "tls"},
     "cluster": {"circuit_breakers", "outlier_detection", "tls"},
     "route": {"timeout", "retry", "rate_limit", "authorization", "weighted_clusters",
@@ -357,12 +358,54 @@ def _bind_conflicts(err: _Errors, admin: model.Admin | None, listeners: dict[str
                 err.add(f"{path_a}.port", f"{addr_a}:{port_a} overlaps {path_b} ({addr_b}:{port_b})")
 
 
+# With a control section these may be absent: the server provides them.
+_DYNAMIC_SECTIONS = ("listeners", "clusters", "route_tables")
+
+
+def _control(err: _Errors, doc: Any) -> model.Control | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        err.add("control", f"must be a mapping, got {_describe(doc)}")
+        return None
+    before = len(err.items)
+    _check_keys(err, "control", doc, {"server", "cache", "initial_fetch_timeout", "backoff_max"}, "control")
+    server = _get(err, "control", doc, "server", str)
+    host = port = None
+    if server is not None:
+        parts = urlsplit(server)
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/"):
+            err.add("control.server", f"'{server}' is not http://host:port (https arrives with mTLS)")
+        host = parts.hostname
+    cache = _get(err, "control", doc, "cache", str, default=None,
+                 check=lambda v: None if v.startswith("/") else "must be an absolute path")
+    initial = _get_parsed(err, "control", doc, "initial_fetch_timeout", parse_duration, 10.0, _positive)
+    backoff = _get_parsed(err, "control", doc, "backoff_max", parse_duration, 10.0, _positive)
+    if len(err.items) > before:
+        return None
+    return model.Control(server=server, host=host, port=port, cache=cache, initial_fetch_timeout=initial,
+                         backoff_max=backoff)
+
+
 def build(doc: Any) -> model.Config:
-    """A parsed document -> Config. Raises ConfigError with every problem."""
+    """A parsed document -> Config. Raises ConfigError with every problem.
+
+    With a ``control`` section the listeners, clusters and route tables in
+    the document are the static part (all optional); the control client adds
+    the server's resources to them and validates the whole again.
+    """
     err = _Errors()
     if not isinstance(doc, dict):
         raise ConfigError([("", f"the config must be a mapping at the top level, got {_describe(doc)}")])
-    _check_keys(err, "", doc, {"version", "node", "admin", "listeners", "clusters", "route_tables"}, "")
+    _check_keys(err, "", doc, {"version", "node", "admin", "listeners", "clusters", "route_tables", "control"}, "")
+    control = _control(err, doc.get("control"))
+    dynamic = "control" in doc
+    if dynamic:
+        doc = {**{section: {} for section in _DYNAMIC_SECTIONS}, **doc}
     _get(err, "", doc, "version", int, check=lambda v: None if v == model.SCHEMA_VERSION else
          f"unsupported schema version {v} (this build reads version {model.SCHEMA_VERSION})")
     node = _node(err, doc.get("node"))
@@ -393,7 +436,7 @@ def build(doc: Any) -> model.Config:
                 hint = difflib.get_close_matches(route.cluster, list(raw_clusters), n=1)
                 err.add(f"route_tables.{tname}[{i}].cluster", f"no cluster named '{route.cluster}'"
                         + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-    if isinstance(doc.get("listeners"), dict) and not raw_listeners:
+    if isinstance(doc.get("listeners"), dict) and not raw_listeners and not dynamic:
         err.add("listeners", "must define at least one listener")
     # References are checked on the raw documents too, so a listener with an
     # error elsewhere still gets its dangling reference reported.
@@ -422,7 +465,7 @@ def build(doc: Any) -> model.Config:
         raise ConfigError(err.items)
     return model.Config(node=node, admin=admin, listeners=MappingProxyType(listeners),
                         clusters=MappingProxyType(clusters), route_tables=MappingProxyType(tables),
-                        source_document=MappingProxyType(doc))
+                        control=control, source_document=MappingProxyType(doc))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -102,6 +102,21 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Control:
+    """Where listeners, route tables, clusters and endpoints come from instead of the file."""
+
+    server: str  # http://host:port
+    host: str
+    port: int
+    # The last good config from the server, used at start while it is unreachable.
+    cache: str | None = None
+    # How long startup waits for the server before falling back to the cache.
+    initial_fetch_timeout: float = 10.0
+    # Reconnect delays grow exponentially (with full jitter) up to this.
+    backoff_max: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node: Node
     admin: Admin
@@ -109,6 +124,7 @@ class Config:
     clusters: Mapping[str, Cluster]
     route_tables: Mapping[str, tuple[Route, ...]]
     version: int = SCHEMA_VERSION
+    control: Control | None = None
     # The document as the user wrote it (after parsing), for /config_dump.
     source_document: Mapping = field(default_factory=lambda: MappingProxyType({}), compare=False)
 

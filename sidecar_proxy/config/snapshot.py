@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 from .model import Config
 
@@ -34,6 +34,8 @@ class Snapshot:
     # sha256 of the canonical document: equal configs have equal digests.
     digest: str
     loaded_at: float = field(default_factory=time.time)
+    # Control-server resource versions by type ("listeners", ...), when it came from there.
+    versions: Mapping[str, str] = field(default_factory=dict)
 
 
 class Preparer(Protocol):
@@ -69,17 +71,18 @@ class SnapshotStore:
         """Called after every successful swap (metrics, logging)."""
         self._watchers.append(callback)
 
-    def make(self, config: Config, source: str) -> Snapshot:
+    def make(self, config: Config, source: str, versions: Mapping[str, str] | None = None) -> Snapshot:
         digest = hashlib.sha256(_canonical_json(config.source_document)).hexdigest()
-        return Snapshot(config=config, version=self._next_version, source=source, digest=digest)
+        return Snapshot(config=config, version=self._next_version, source=source, digest=digest,
+                        versions=dict(versions or {}))
 
-    async def apply(self, config: Config, source: str) -> Snapshot:
+    async def apply(self, config: Config, source: str, versions: Mapping[str, str] | None = None) -> Snapshot:
         """Make ``config`` live, all or nothing. Raises UpdateRejected.
 
         Callers must serialise calls (the App holds a lock), so versions are
         handed out in swap order.
         """
-        new = self.make(config, source)
+        new = self.make(config, source, versions)
         old = self.current
         commits: list[Callable[[], Awaitable[None]]] = []
         prepared: list[Preparer] = []

@@ -83,6 +83,19 @@ class Metrics:
         self.config_loaded = Gauge(
             "sidecar_config_last_applied_timestamp_seconds", "When the live config snapshot was applied.",
             registry=r)
+        self.config_age = Gauge(
+            "sidecar_config_age_seconds", "Seconds since the live config snapshot was applied.", registry=r)
+        self.control_connected = Gauge(
+            "sidecar_control_connected", "1 while every resource type's last exchange with the control "
+            "server succeeded.", registry=r)
+        self.control_updates = Counter(
+            "sidecar_control_updates", "Control server responses decided, by type and ACK/NACK.",
+            ["type", "result"], registry=r)
+        self.control_errors = Counter(
+            "sidecar_control_errors", "Control server requests that failed (unreachable, timeout, bad answer).",
+            ["type"], registry=r)
+        self.loop_tasks = Gauge(
+            "sidecar_event_loop_tasks", "asyncio tasks alive: a number that keeps growing is a leak.", registry=r)
         self.ready = Gauge("sidecar_ready", "1 when /ready answers 200.", registry=r)
         self.draining = Gauge("sidecar_draining", "1 while draining.", registry=r)
         self._info_labels: tuple | None = None

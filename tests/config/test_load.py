@@ -119,6 +119,10 @@ def test_sizes(text, size):
     (mutated(version=2), "version", "unsupported schema version 2"),
     (mutated(telemetry={}), "telemetry", "not supported by this build yet"),
     (mutated(colour="blue"), "colour", "unknown key"),
+    (mutated(control={"server": "https://cp:443"}), "control.server", "is not http://host:port"),
+    (mutated(control={"server": "http://cp:15010", "cache": "rel.json"}), "control.cache", "absolute path"),
+    (mutated(control={"server": "http://cp:15010", "backoff_max": "0s"}), "control.backoff_max", "greater than zero"),
+    (mutated(control={}), "control.server", "is required"),
     (mutated(listeners={"bad name!": BASE["listeners"]["out"]}), "listeners.bad name!", "must be 1-63 characters"),
 ])
 def test_each_error_names_its_path(doc, path, fragment):
@@ -212,3 +216,11 @@ def test_validate_cli_prints_ok_or_every_error(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "sidecar_proxy", "validate", "--config", str(tmp_path / "no")],
                              capture_output=True, text=True, timeout=30, cwd=REPO)
     assert missing.returncode == 1 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_bootstrap_with_control_may_leave_out_what_the_server_provides():
+    config = load.build({"version": 1, "node": {"id": "n"},
+                         "control": {"server": "http://127.0.0.1:15010", "initial_fetch_timeout": "2s"}})
+    assert config.listeners == {} and config.control.port == 15010
+    assert config.control.initial_fetch_timeout == 2.0 and config.control.backoff_max == 10.0
+    assert load.build(to_document(config)) == config
