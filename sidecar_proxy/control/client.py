@@ -114,14 +114,18 @@ class ControlClient:
             poll = asyncio.ensure_future(self._http[kind].post(
                 path, body, POLL_TIMEOUT_S, on_sent=lambda: self._set_connected(kind, True)))
             kick = asyncio.ensure_future(st.kick.wait())
-            done, _ = await asyncio.wait({poll, kick}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait({poll, kick}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Also when this loop is cancelled: wait() leaves its children running.
+                kick.cancel()
+                if not poll.done():
+                    poll.cancel()
+                    await asyncio.gather(poll, return_exceptions=True)
             if poll not in done:
                 # A NACKed update became valid: say so now instead of after the hold.
-                poll.cancel()
-                await asyncio.gather(poll, return_exceptions=True)
                 st.kick.clear()
                 continue
-            kick.cancel()
             try:
                 status, payload = poll.result()
                 response = self._parse(kind, status, payload)
