@@ -34,5 +34,5 @@ def split_host_port(text: str) -> tuple[str, int]:
         if not _HOST_RE.match(host):
             raise ValueError(f"'{host}' is not an IP address or host name")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError("port must be 1..65535")
+        raise ValueError(f"port must be 1..65535, got '{port_text}'")
     return host, int(port_text)

@@ -68,6 +68,9 @@ class App:
         self._drain_task: asyncio.Task | None = None
         self.last_reload_error: dict | None = None
         self.control: ControlClient | None = None
+        # Computed at scrape time: a stored copy went stale when readiness
+        # changed without an apply (the control server's first config).
+        self.metrics.ready.set_function(lambda: 1.0 if self.is_ready()[0] else 0.0)
         self.metrics.loop_tasks.set_function(lambda: len(asyncio.all_tasks(self.loop)))
         self.metrics.config_age.set_function(
             lambda: time.time() - self.store.current.loaded_at if self.store.current else 0.0)
@@ -83,7 +86,6 @@ class App:
                 self.record_rejection(source, exc.errors)
                 raise
         self.metrics.config_reloads.labels(source=source, result="applied").inc()
-        self.metrics.ready.set(1 if self.is_ready()[0] else 0)
         log.info("config applied", extra={"fields": {
             "version": snapshot.version, "digest": snapshot.digest[:12], "source": source,
             "listeners": len(config.listeners), "clusters": len(config.clusters)}})
@@ -152,7 +154,6 @@ class App:
     async def _drain(self) -> None:
         self.draining = True
         self.metrics.draining.set(1)
-        self.metrics.ready.set(0)
         self.listeners.stop_accepting()
         active = self.listeners.active_count()
         log.info("draining", extra={"fields": {"active_connections": active, "drain_time_s": self.drain_time}})
@@ -173,8 +174,11 @@ class App:
         self._stop.set()
 
     async def run(self, initial: Config, admin_server) -> int:
-        self.metrics.ready.set(0)
         fd_limit = raise_fd_limit()
+        # First thing: a SIGTERM during start-up must still end in a clean exit.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload_file()))
         try:
             await admin_server.start(initial.admin.address, initial.admin.port)
         except OSError as exc:
@@ -190,9 +194,6 @@ class App:
             # The file is the bootstrap; the server's resources are merged onto it.
             self.control = ControlClient(self, initial.control, initial.node.id, dict(initial.source_document))
             self.control.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.request_stop)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload_file()))
         log.info("ready", extra={"fields": {"admin": f"{initial.admin.address}:{initial.admin.port}",
                                             "fd_limit": fd_limit}})
         await self._stop.wait()

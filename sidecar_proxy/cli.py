@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the config is invalid or the daemon could not start
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Until the event loop takes SIGTERM over (App.run), nothing is bound or
+    # in flight: stopping then is a clean exit, not death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     import uvloop
 
     from .admin.handlers import build_routes

@@ -81,6 +81,36 @@ def relay_config(backend_port: int, **listener_extra) -> dict:
     }
 
 
+def terminate(proc: subprocess.Popen, timeout: float, what: str, log: Callable[[], str]) -> int:
+    """SIGTERM and wait; the exit code. A process that outlives ``timeout`` is killed and fails the test."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError(f"{what} did not exit within {timeout}s of SIGTERM:\n{log()}") from None
+    return proc.returncode
+
+
+def stop_all(proxies: list["Proxy"], log_tail: int = 6000) -> list[str]:
+    """Stop each proxy; what went wrong: a hang, a non-zero exit, a traceback in its log."""
+    failures = []
+    for proxy in proxies:
+        name = proxy.log_path.parent.name
+        try:
+            code = proxy.stop()
+        except AssertionError as exc:
+            failures.append(str(exc))
+            continue
+        if code != 0:
+            failures.append(f"{name} exited with {code} after SIGTERM; log:\n{proxy.log()[-log_tail:]}")
+        if "Traceback" in proxy.log():
+            failures.append(f"a traceback in {name}'s log:\n{proxy.log()[-log_tail:]}")
+    return failures
+
+
 class Proxy:
     """``python -m sidecar_proxy run`` as a child process, with an admin client.
 
@@ -183,16 +213,9 @@ class Proxy:
 
     def stop(self, timeout: float | None = None) -> int:
         """SIGTERM; the exit code. Fails if it outlives the drain time plus a grace period."""
-        timeout = self.drain_time_s + 10 if timeout is None else timeout
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"proxy did not exit within {timeout}s of SIGTERM:\n{self.log()}") from None
+        code = terminate(self.proc, self.drain_time_s + 10 if timeout is None else timeout, "proxy", self.log)
         self._log.close()
-        return self.proc.returncode
+        return code
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -289,3 +312,79 @@ def round_trip_upper(sock: socket.socket, payload: bytes) -> None:
     """Send to an upper-casing server (tests/e2e/conftest.UpperServer) and check the answer."""
     sock.sendall(payload)
     assert recv_exactly(sock, len(payload)) == payload.upper()
+
+
+class ControlPlane:
+    """``sidecar-proxy control-server`` over a resource directory; can be killed and restarted on its port."""
+
+    def __init__(self, directory: Path, logdir: Path, *, poll_interval: float = 0.05,
+                 max_wait: float = 1.0) -> None:
+        self.directory = directory
+        self.logdir = logdir
+        self.poll_interval, self.max_wait = poll_interval, max_wait
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+        self.log_paths: list[Path] = []
+        self._log = None
+
+    def start(self) -> "ControlPlane":
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.runs += 1
+        path = self.logdir / f"control-{self.runs}.log"
+        self.log_paths.append(path)
+        self._log = open(path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar_proxy", "control-server", "--dir", str(self.directory),
+             "--port", str(self.port), "--max-wait-s", str(self.max_wait),
+             "--poll-interval-s", str(self.poll_interval), "--log-level", "debug"],
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+
+        def live():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"control server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return self.request("GET", "/live")[0] == 200
+            except OSError:
+                return False
+        wait_for(live, 10, 0.02, "control server /live")
+        return self
+
+    def log(self) -> str:
+        if self._log is not None and not self._log.closed:
+            self._log.flush()
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace") for p in self.log_paths if p.exists())
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def status(self) -> dict:
+        status, body = self.request("GET", "/status")
+        assert status == 200, body
+        return json.loads(body)
+
+    def node_type(self, kind: str, node: str) -> dict:
+        return self.status()["nodes"].get(node, {}).get("types", {}).get(kind, {})
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the held polls."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+
+    def stop(self, timeout: float = 5) -> int | None:
+        if self.proc is None:
+            return None
+        code = terminate(self.proc, timeout, "control server", self.log)
+        if self._log is not None:
+            self._log.close()
+        return code

@@ -158,7 +158,7 @@ def _get_parsed(err: _Errors, path: str, doc: dict, key: str, parser: Callable[[
 
 
 def _port_check(value: int) -> str | None:
-    return None if 1 <= value <= 65535 else "port must be 1..65535"
+    return None if 1 <= value <= 65535 else f"port must be 1..65535, got {value}"
 
 
 def _ip_check(value: str) -> str | None:

@@ -117,11 +117,12 @@ class ControlClient:
             try:
                 done, _ = await asyncio.wait({poll, kick}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                # Also when this loop is cancelled: wait() leaves its children running.
+                # Also when this loop is cancelled: wait() leaves its children
+                # running, and a poll that failed just then has an error that
+                # nobody else will read.
                 kick.cancel()
-                if not poll.done():
-                    poll.cancel()
-                    await asyncio.gather(poll, return_exceptions=True)
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
             if poll not in done:
                 # A NACKed update became valid: say so now instead of after the hold.
                 st.kick.clear()

@@ -39,8 +39,11 @@ class HttpConnection:
         the server holds, that is the only sign the server is there.
         """
         try:
-            return await asyncio.wait_for(self._exchange(path, body, on_sent), timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout in this task, not nested wait_for: on 3.11 a
+            # cancel racing a failed connect left a task whose error nobody read.
+            async with asyncio.timeout(timeout):
+                return await self._exchange(path, body, on_sent)
+        except TimeoutError:
             self.close()
             raise Unavailable(f"no answer within {timeout:.0f}s") from None
         except (OSError, h11.ProtocolError, asyncio.IncompleteReadError) as exc:
@@ -52,8 +55,8 @@ class HttpConnection:
 
     async def _exchange(self, path: str, body: bytes, on_sent: Callable[[], None] | None) -> tuple[int, bytes]:
         if self._writer is None:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
             self._h11 = h11.Connection(h11.CLIENT)
         conn = self._h11
         request = h11.Request(method="POST", target=path, headers=[

@@ -83,6 +83,9 @@ def parse_resources(data: bytes) -> list[dict]:
     return doc
 
 
+RECHECK_WINDOW_S = 2.0
+
+
 class FileSource:
     """One type's file, re-read when its mtime, size or inode changes."""
 
@@ -106,6 +109,15 @@ class FileSource:
             return ("error", str(exc))
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _recently_modified(self, signature: Any) -> bool:
+        """Within RECHECK_WINDOW_S of its mtime a file is read on every poll.
+
+        Where timestamps are coarse, a same-size rewrite in the same tick
+        leaves mtime, size and inode unchanged; the content hash still tells.
+        """
+        return (isinstance(signature, tuple) and signature[0] != "error"
+                and self.clock() - signature[0] / 1e9 < RECHECK_WINDOW_S)
+
     def _read(self, signature: Any) -> list[dict]:
         if signature is None:
             return []
@@ -122,7 +134,7 @@ class FileSource:
     def poll(self) -> bool:
         """Re-read if the file changed; True when the version changed."""
         signature = self._stat()
-        if signature == self._signature:
+        if signature == self._signature and not self._recently_modified(signature):
             return False
         self._signature = signature
         try:

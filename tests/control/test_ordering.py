@@ -37,7 +37,7 @@ def test_route_table_naming_a_cluster_not_yet_sent_is_applied_once_the_cluster_a
     write("routes", [{"name": "main", "routes": [{"match": {}, "cluster": "first"}]}])
     write("clusters", [{"name": "first"}])
     write("endpoints", [{"cluster_name": "first", "endpoints": [f"127.0.0.1:{a.port}"]}])
-    server = ControlServer(files, tmp_path / "control.log").wait_live()
+    server = ControlServer(files, tmp_path).start()
     bootstrap = {"version": 1, "node": {"id": "node-1"}, "admin": {"address": "127.0.0.1", "port": free_port()},
                  "control": {"server": f"http://127.0.0.1:{server.port}", "backoff_max": "500ms"}}
     proxy = Proxy(bootstrap, tmp_path / "proxy").wait_ready()

@@ -83,7 +83,7 @@ def test_validation_errors_name_the_config_path_of_a_resource():
     doc, _ = protocol.merge(BASE, resources)
     with pytest.raises(load.ConfigError) as info:
         load.build(doc)
-    assert ("clusters.app.endpoints[0]", "port must be 1..65535") in info.value.errors
+    assert ("clusters.app.endpoints[0]", "port must be 1..65535, got '0'") in info.value.errors
 
 
 def test_discovery_paths():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import signal
+import os
 import subprocess
 import sys
 import time
@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from sidecar_proxy.control import protocol
+from sidecar_proxy.control import server as server_module
 from sidecar_proxy.control.server import NONCE_HISTORY, Nodes
 
-from ..support import REPO_ROOT, free_port, wait_for
+from ..support import REPO_ROOT, ControlPlane, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -38,39 +39,8 @@ def version_of(resources: list) -> str:
     return hashlib.sha256(json.dumps(resources, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
-class ControlServer:
-    def __init__(self, directory: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar_proxy", "control-server", "--dir", str(directory),
-             "--port", str(self.port), "--max-wait-s", str(MAX_WAIT_S), "--poll-interval-s", "0.05",
-             "--log-level", "debug"],
-            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_live(self) -> "ControlServer":
-        def live():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return self.request("GET", "/live")[0] == 200
-            except OSError:
-                return False
-        wait_for(live, 10, 0.05, "control server /live")
-        return self
-
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+class ControlServer(ControlPlane):
+    """The shared harness plus raw protocol exchanges for these tests."""
 
     def discover(self, kind: str, version: str = "", nonce: str = "", error: str | None = None,
                  node: str = "node-1") -> tuple[int, protocol.DiscoveryResponse | None]:
@@ -83,30 +53,13 @@ class ControlServer:
         assert status == 200, (status, body)
         return status, protocol.DiscoveryResponse.from_json(kind, json.loads(body))
 
-    def status(self) -> dict:
-        status, body = self.request("GET", "/status")
-        assert status == 200
-        return json.loads(body)
-
     def node_type(self, kind: str, node: str = "node-1") -> dict:
-        return self.status()["nodes"][node]["types"][kind]
+        return super().node_type(kind, node)
 
     def wait_polling(self, kind: str, node: str = "node-1") -> None:
         def polling():
-            return self.status()["nodes"].get(node, {}).get("types", {}).get(kind, {}).get("polling")
+            return self.node_type(kind, node).get("polling")
         wait_for(polling, 3, 0.02, f"a held {kind} poll")
-
-    def stop(self, timeout: float = 5) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"did not exit within {timeout}s of SIGTERM:\n{self.log()}") from None
-        self._log.close()
-        return self.proc.returncode
 
 
 def write(directory: Path, kind: str, resources) -> None:
@@ -127,7 +80,7 @@ def files(tmp_path) -> Path:
 
 @pytest.fixture
 def server(files, tmp_path):
-    s = ControlServer(files, tmp_path / "control.log").wait_live()
+    s = ControlServer(files, tmp_path, max_wait=MAX_WAIT_S).start()
     yield s
     assert s.stop() == 0, s.log()
     assert "Traceback" not in s.log(), s.log()
@@ -154,7 +107,7 @@ def test_first_request_gets_every_type_with_its_version(server):
 
 def test_missing_file_is_an_empty_list(files, tmp_path):
     (files / "endpoints.yaml").unlink()
-    s = ControlServer(files, tmp_path / "control.log").wait_live()
+    s = ControlServer(files, tmp_path, max_wait=MAX_WAIT_S).start()
     try:
         status, resp = s.discover("endpoints")
         assert (status, resp.resources, resp.version_info) == (200, [], version_of([]))
@@ -260,7 +213,7 @@ def test_a_broken_file_keeps_the_old_version(server, files, broken, error):
 
 
 def test_sigterm_answers_held_polls_and_exits_promptly(files, tmp_path, pool):
-    s = ControlServer(files, tmp_path / "control.log").wait_live()
+    s = ControlServer(files, tmp_path, max_wait=MAX_WAIT_S).start()
     _, first = s.discover("clusters")
     held = pool.submit(s.discover, "clusters", first.version_info, first.nonce)
     s.wait_polling("clusters")
@@ -309,3 +262,22 @@ def test_nonce_history_and_node_memory_are_bounded():
     assert list(nodes.nodes) == ["b", "c", "d"]  # the least recently seen went first
     nodes.observe(protocol.DiscoveryRequest("clusters", "b"), now=700)
     assert nodes.sweep(now=700) == 2 and list(nodes.nodes) == ["b"]
+
+
+def test_a_same_size_rewrite_within_one_timestamp_tick_is_still_seen(tmp_path):
+    # Coarse file timestamps: the rewrite keeps mtime, size and inode. Within
+    # RECHECK_WINDOW_S of the mtime the content is compared anyway.
+    path = tmp_path / "endpoints.yaml"
+    path.write_text('- {cluster_name: app, endpoints: ["127.0.0.1:8080"]}\n')
+    stat = path.stat()
+    now = [stat.st_mtime_ns / 1e9]
+    source = server_module.FileSource("endpoints", path, clock=lambda: now[0])
+    assert source.poll() is True
+    first = source.version
+    with open(path, "r+") as f:  # same inode, same size
+        f.write('- {cluster_name: app, endpoints: ["127.0.0.1:8081"]}\n')
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    now[0] += 0.5
+    assert source.poll() is True and source.version != first
+    now[0] += server_module.RECHECK_WINDOW_S  # long after the last write: stat alone decides
+    assert source.poll() is False

@@ -19,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from ..support import Proxy
+from ..support import Proxy, stop_all
 from . import netns
 
 READY_TIMEOUT_S = 30.0
@@ -69,15 +69,7 @@ def start_proxy(request, netns_pair, tmp_path):
         return proxy
 
     yield start
-    failures = []
-    for proxy in proxies:
-        try:
-            code = proxy.stop()
-        except AssertionError as exc:
-            failures.append(str(exc))
-            continue
-        if code != 0:
-            failures.append(f"proxy exited with {code} after SIGTERM; log:\n{proxy.log()[-LOG_TAIL_CHARS:]}")
+    failures = stop_all(proxies, LOG_TAIL_CHARS)
     if failures:
         pytest.fail("\n\n".join(failures))
 

@@ -229,7 +229,7 @@ def test_invalid_reload_is_rejected_whole_and_traffic_continues(proxies, servers
         bad = dict(proxy.config, clusters={"backend": {"endpoints": ["127.0.0.1:0"]}})
         status, body = proxy.post_config(bad)
         assert status == 400 and body["applied"] is False
-        assert {"path": "clusters.backend.endpoints[0]", "error": "port must be 1..65535"} in body["errors"]
+        assert {"path": "clusters.backend.endpoints[0]", "error": "port must be 1..65535, got '0'"} in body["errors"]
         status, body = proxy.post_config("listeners: [unclosed")
         assert status == 400 and "invalid YAML" in body["errors"][0]["error"]
 
