@@ -22,7 +22,8 @@ def _listener(l: Listener) -> dict:
     return {"address": l.address, "port": l.port, "transparent": l.transparent,
             "interception": l.interception, "protocol": l.protocol,
             "routes": l.routes, "idle_timeout": format_duration(l.idle_timeout),
-            "max_connections": l.max_connections, "buffer_limit": l.buffer_limit}
+            "max_connections": l.max_connections, "buffer_limit": l.buffer_limit,
+            "detection_timeout": format_duration(l.detection_timeout), "opaque_ports": sorted(l.opaque_ports)}
 
 
 def _cluster(c: Cluster) -> dict:

@@ -31,7 +31,7 @@ MAX_DOCUMENT_BYTES = 4 << 20
 # running without, say, mTLS.
 _PLANNED = {
     "": {"tls", "telemetry"},
-    "listener": {"opaque_ports", "tls"},
+    "listener": {"tls"},
     "cluster": {"circuit_breakers", "outlier_detection", "tls"},
     "route": {"timeout", "retry", "rate_limit", "authorization", "weighted_clusters",
               "direct_response", "redirect", "request_headers", "response_headers",
@@ -71,7 +71,7 @@ def _admin(err: Errors, doc: Any) -> model.Admin | None:
 
 
 _LISTENER_KEYS = {"address", "port", "transparent", "interception", "protocol", "routes", "idle_timeout",
-                  "max_connections", "buffer_limit"}
+                  "max_connections", "buffer_limit", "detection_timeout", "opaque_ports"}
 
 
 def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
@@ -100,6 +100,9 @@ def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
 
     protocol = get(err, path, doc, "protocol", str, default="tcp", check=protocol_check)
     idle = get_parsed(err, path, doc, "idle_timeout", parse_duration, 3600.0, positive)
+    detection = get_parsed(err, path, doc, "detection_timeout", parse_duration, 0.1,
+                           lambda v: None if 0 < v <= 10 else "must be greater than 0 and at most 10s")
+    opaque = _ports(err, join(path, "opaque_ports"), doc.get("opaque_ports", sorted(model.DEFAULT_OPAQUE_PORTS)))
     max_conn = get(err, path, doc, "max_connections", int, default=100_000,
                     check=lambda v: None if 1 <= v <= 10_000_000 else "must be 1..10000000")
     buffer_limit = get_parsed(err, path, doc, "buffer_limit", parse_size, 1 << 20,
@@ -108,8 +111,21 @@ def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
         return None
     return model.Listener(name=name, address=address, port=port, routes=routes,
                           transparent=transparent, interception=interception, protocol=protocol,
-                          idle_timeout=idle,
+                          idle_timeout=idle, detection_timeout=detection, opaque_ports=opaque,
                           max_connections=max_conn, buffer_limit=buffer_limit)
+
+
+def _ports(err: Errors, path: str, value: Any) -> frozenset[int] | None:
+    if not isinstance(value, list):
+        err.add(path, f"must be a list of ports, got {describe(value)}")
+        return None
+    ports = set()
+    for i, port in enumerate(value):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            err.add(f"{path}[{i}]", f"port must be 1..65535, got {port!r}")
+        else:
+            ports.add(port)
+    return frozenset(ports)
 
 
 def _endpoint(err: Errors, path: str, doc: Any) -> model.Endpoint | None:

@@ -14,8 +14,13 @@ SCHEMA_VERSION = 1
 
 # Protocols a listener may declare. Only "tcp" is served by this build; the
 # others are part of the schema so the validator can say so by name.
-PROTOCOLS_SUPPORTED = ("tcp",)
-PROTOCOLS_PLANNED = ("auto", "http")
+PROTOCOLS_SUPPORTED = ("tcp", "auto")
+PROTOCOLS_PLANNED = ("http",)
+
+# Destination ports where the server speaks first (SMTP, MySQL, PostgreSQL,
+# Redis, memcached, ...): an "auto" listener relays them at once instead of
+# waiting detection_timeout for a first client byte that never comes.
+DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
 
 INTERCEPTION_MODES = ("redirect", "tproxy")
 
@@ -48,6 +53,10 @@ class Listener:
     # accepted socket's own local address).
     interception: str = "redirect"
     protocol: str = "tcp"
+    # protocol "auto": how long to wait for the client's first bytes before
+    # treating the connection as opaque TCP, and the ports never sniffed.
+    detection_timeout: float = 0.1
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
     # A connection with no byte either way for this long is closed.
     idle_timeout: float = 3600.0
     # Accepted connections beyond this are closed at once (counted).

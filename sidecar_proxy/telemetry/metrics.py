@@ -40,6 +40,10 @@ class _TcpCollector:
                                  labels=["listener"])
         tx = CounterMetricFamily("sidecar_tcp_sent_bytes", "Bytes read from upstream and relayed downstream.",
                                  labels=["listener"])
+        detections = CounterMetricFamily("sidecar_protocol_detections",
+                                         "Connections of 'auto' listeners by what the first bytes showed "
+                                         "(timeout: nothing in time; opaque_port: not sniffed).",
+                                         labels=["listener", "outcome"])
         buffered = GaugeMetricFamily("sidecar_tcp_buffered_bytes",
                                      "Bytes held in the proxy's write buffers now, all connections.",
                                      labels=["listener"])
@@ -52,10 +56,12 @@ class _TcpCollector:
             active.add_metric(name, len(conns))
             for reason, count in state.refused.items():
                 refused.add_metric([state.name, reason], count)
+            for outcome, count in state.detections.items():
+                detections.add_metric([state.name, outcome], count)
             rx.add_metric(name, state.closed_rx + sum(c.down.nbytes for c in conns))
             tx.add_metric(name, state.closed_tx + sum(c.up.nbytes for c in conns if c.up is not None))
             buffered.add_metric(name, sum(c.buffered() for c in conns))
-        return [opened, closed, active, refused, rx, tx, buffered]
+        return [opened, closed, active, refused, rx, tx, buffered, detections]
 
 
 class Metrics:

@@ -37,7 +37,7 @@ class ListenerState:
     Plain ints: a scrape reads them (see telemetry.metrics), the hot path only adds.
     """
 
-    __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused")
+    __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused", "detections")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -47,9 +47,13 @@ class ListenerState:
         self.closed_rx = 0  # bytes read from downstream by finished connections
         self.closed_tx = 0  # bytes sent to downstream by finished connections
         self.refused: dict[str, int] = {}
+        self.detections: dict[str, int] = {}  # "auto" listeners: tls/http2/http1/opaque/timeout/opaque_port
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def count_detection(self, outcome: str) -> None:
+        self.detections[outcome] = self.detections.get(outcome, 0) + 1
 
 
 class ListenerRuntime:

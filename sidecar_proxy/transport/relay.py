@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..addr import format_addr
+from .detect import MAX_SNIFF_BYTES, Detection, Proto, sniff
 from .original_dst import is_own_listener, original_dst
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ _IDLE_TICKS = 4
 CLOSE_REASONS = ("normal", "reset", "idle_timeout", "connect_failed", "refused", "drain_timeout")
 
 # Connection states as shown by /connections.
+DETECTING = "detecting"
 CONNECTING = "connecting"
 ESTABLISHED = "established"
 CLOSING = "closing"
@@ -106,7 +108,8 @@ class _Side(asyncio.Protocol):
         self.eof = True
         peer = self.peer
         if peer is None:
-            pass  # still connecting: _established() forwards the FIN
+            # Still detecting or connecting: _established() forwards the FIN.
+            self.relay.early_eof()
         elif peer.eof:
             self.relay.close()
         elif not peer.transport.is_closing():
@@ -154,7 +157,7 @@ class Relay:
 
     __slots__ = ("rt", "down", "up", "peer_addr", "orig_dst", "upstream_addr", "state",
                  "created", "seen_bytes", "quiet_ticks", "timer", "connect_task", "closed",
-                 "close_reason", "early")
+                 "close_reason", "early", "detection", "detect_timer")
 
     def __init__(self, rt: ListenerRuntime) -> None:
         self.rt = rt
@@ -173,6 +176,8 @@ class Relay:
         self.close_reason = "normal"
         # Bytes read from downstream before the upstream existed (see hold_early).
         self.early: list[bytes] | None = None
+        self.detection: Detection | None = None
+        self.detect_timer: asyncio.TimerHandle | None = None
 
     # --- accept -> destination -> connect
 
@@ -207,7 +212,48 @@ class Relay:
         self.upstream_addr = target
         limit = rt.listener.buffer_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        if rt.listener.protocol == "auto":
+            port = self.orig_dst[1] if self.orig_dst else rt.listener.port
+            if port in rt.listener.opaque_ports:
+                rt.state.count_detection("opaque_port")
+            else:
+                # Read the client's first bytes before choosing how to relay.
+                self.state = DETECTING
+                self.detect_timer = rt.loop.call_later(rt.listener.detection_timeout, self._detection_timed_out)
+                transport.resume_reading()
+                return
         self.connect_task = rt.loop.create_task(self._connect(target))
+
+    # --- protocol detection ("auto" listeners)
+
+    def _sniff(self, final: bool, outcome: str | None = None) -> None:
+        data = b"".join(self.early) if self.early else b""
+        found = sniff(data[:MAX_SNIFF_BYTES]) if data else None
+        if found is None and not final and len(data) < MAX_SNIFF_BYTES:
+            return
+        if found is None:
+            found = Detection(Proto.OPAQUE, detail="no decision from the bytes received")
+        self.detection = found
+        if self.detect_timer is not None:
+            self.detect_timer.cancel()
+            self.detect_timer = None
+        rt = self.rt
+        rt.state.count_detection(outcome or found.proto.value)
+        # Every protocol is relayed as TCP until the HTTP path lands.
+        self.state = CONNECTING
+        if not self.closed and not self.down.lost:
+            self.down.transport.pause_reading()
+        self.connect_task = rt.loop.create_task(self._connect(self.upstream_addr))
+
+    def _detection_timed_out(self) -> None:
+        self.detect_timer = None
+        if self.state == DETECTING and not self.closed:
+            # A server-speaks-first protocol on a port not declared opaque.
+            self._sniff(final=True, outcome="timeout")
+
+    def early_eof(self) -> None:
+        if self.state == DETECTING and not self.closed:
+            self._sniff(final=True)
 
     def refuse(self, reason: str) -> None:
         self.rt.state.count_refused(reason)
@@ -253,11 +299,17 @@ class Relay:
         self._established()
 
     def hold_early(self, data: bytes) -> None:
-        """Keep bytes that arrived before the upstream: one read chunk, as reading pauses here."""
+        """Keep bytes that arrived before the upstream: one read chunk, as reading pauses here.
+
+        While detecting, reading goes on until the sniffer decides, at most
+        MAX_SNIFF_BYTES.
+        """
         if self.early is None:
             self.early = []
         self.early.append(data)
-        if not self.closed:
+        if self.state == DETECTING:
+            self._sniff(final=False)
+        elif not self.closed:
             self.down.transport.pause_reading()
 
     def _make_upstream(self) -> _Upstream:
@@ -351,9 +403,10 @@ class Relay:
 
     def _finish(self) -> None:
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.detect_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.detect_timer = None
         state = self.rt.state
         state.connections.discard(self)
         state.closed[self.close_reason] = state.closed.get(self.close_reason, 0) + 1
@@ -377,6 +430,8 @@ class Relay:
             "upstream": format_addr(self.upstream_addr),
             "cluster": self.rt.cluster.name,
             "state": self.state,
+            "protocol": self.detection.proto.value if self.detection else None,
+            "sni": self.detection.sni if self.detection else None,
             "rx_bytes": self.down.nbytes,
             "tx_bytes": self.up.nbytes if self.up is not None else 0,
             "buffered_bytes": self.buffered(),
