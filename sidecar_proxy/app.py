@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import signal
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from .config import load
 from .config.model import Config
 from .config.snapshot import Snapshot, SnapshotStore, UpdateRejected
 from .control.client import ControlClient
+from .limits import raise_fd_limit
 from .telemetry.metrics import Metrics
 from .transport.listeners import ListenerManager
 
@@ -26,28 +26,6 @@ log = logging.getLogger("sidecar_proxy.app")
 
 # How often the drain loop looks at the connection count.
 _DRAIN_POLL_S = 0.05
-
-
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE: a relayed connection costs two descriptors.
-
-    The soft limit goes to the hard one; with CAP_SYS_RESOURCE the hard one
-    is first raised to the kernel's fs.nr_open (capped at 1M), so 10,000+
-    connections do not end in EMFILE on a node whose default is low.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
-    except (OSError, ValueError):
-        nr_open = hard
-    wanted = max(hard, min(nr_open, 1 << 20))
-    for target in (wanted, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
-            return target
-        except (ValueError, OSError):
-            continue
-    return soft
 
 
 class App:
@@ -98,12 +76,15 @@ class App:
         log.error("config rejected; the live config is unchanged", extra={"fields": {
             "source": source, "errors": "; ".join(f"{p}: {m}" if p else m for p, m in errors)}})
 
+    def _rejection(self, source: str, exc: load.ConfigError) -> UpdateRejected:
+        self.record_rejection(source, exc.errors)
+        return UpdateRejected(exc.errors)
+
     async def apply_document(self, doc: dict, source: str, versions: dict[str, str] | None = None) -> Snapshot:
         try:
             config = load.build(doc)
         except load.ConfigError as exc:
-            self.record_rejection(source, exc.errors)
-            raise UpdateRejected(exc.errors) from None
+            raise self._rejection(source, exc) from None
         return await self.apply(config, source, versions)
 
     async def apply_text(self, text: bytes | str, source: str) -> Snapshot:
@@ -115,8 +96,7 @@ class App:
         try:
             doc = load.parse_text(text)
         except load.ConfigError as exc:
-            self.record_rejection(source, exc.errors)
-            raise UpdateRejected(exc.errors) from None
+            raise self._rejection(source, exc) from None
         if self.control is not None:
             return await self.control.rebase(doc, source)
         return await self.apply_document(doc, source)
@@ -189,6 +169,10 @@ class App:
             await self.apply(initial, "file" if self.config_path else "default")
         except UpdateRejected:
             admin_server.close()
+            if self._stop.is_set():
+                # SIGTERM during start-up: the drain refused the config; a clean stop.
+                await self._drain_task
+                return 0
             return 1
         if initial.control is not None:
             # The file is the bootstrap; the server's resources are merged onto it.

@@ -151,7 +151,7 @@ def cmd_init_iptables(args: argparse.Namespace) -> int:
     except apply.InterceptError as exc:
         print(f"init-iptables: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # netlink (pyroute2) and socket errors
+    except OSError as exc:  # e.g. a socket error of --verify not foreseen there
         print(f"init-iptables: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     for line in done or ["nothing to do"]:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import signal
 import time
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from typing import Any, Callable
 
 from ..admin.server import AdminServer, Request, Response, json_response, text_response
 from ..config import load
+from ..limits import raise_fd_limit
 from . import protocol
 
 log = logging.getLogger("sidecar_proxy.control.server")
@@ -358,17 +358,6 @@ class ControlServer:
         return text_response(200, "live")
 
 
-def _raise_fd_limit(wanted: int) -> None:
-    """Each held poll is a descriptor; a default soft limit of 1024 would cap the nodes served."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-
-
 async def serve(directory: Path, address: str, port: int, *, max_wait: float, poll_interval: float) -> int:
     """Run until SIGTERM/SIGINT; the process's exit code."""
     control = ControlServer(directory, max_wait=max_wait, poll_interval=poll_interval)
@@ -377,7 +366,8 @@ async def serve(directory: Path, address: str, port: int, *, max_wait: float, po
         for problem in problems:
             log.error("cannot start: a resource file is invalid", extra={"fields": {"error": problem}})
         return 1
-    _raise_fd_limit(MAX_CONNECTIONS + 256)
+    # Each held poll is a descriptor: the usual soft limit of 1024 would cap the nodes served.
+    raise_fd_limit()
     admin = AdminServer(control.routes(), max_connections=MAX_CONNECTIONS)
     try:
         await admin.start(address, port)

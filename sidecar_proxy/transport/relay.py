@@ -194,7 +194,6 @@ class Relay:
             # TPROXY does not rewrite the packet: the accepted socket is
             # bound to the address the client asked for.
             self.orig_dst = transport.get_extra_info("sockname")[:2]
-            target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()
         elif rt.listener.transparent:
             try:
                 dst = original_dst(transport.get_extra_info("socket"))
@@ -203,9 +202,8 @@ class Relay:
                 return
             # No NAT entry: the client dialled the listener itself.
             self.orig_dst = dst if dst is not None else transport.get_extra_info("sockname")[:2]
-            target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()
-        else:
-            target = rt.pick_endpoint()
+        # The validator allows original_destination clusters on transparent listeners only.
+        target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()
         if is_own_listener(target, rt.own_ports):
             self.refuse("redirect_loop")
             return
