@@ -11,12 +11,20 @@ import ipaddress
 import re
 from typing import Any, Callable
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)\s*$")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
                "KB": 10**3, "MB": 10**6, "GB": 10**9}
+# RFC 9110 token: field names and methods. (\Z, not $: $ also matches before a final "\n".)
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Field values: visible ASCII, obs-text (>= 0x80), space and tab; nothing
+# that could end a line (CR, LF) or a C string (NUL), no other controls.
+_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Underscores too: Docker Compose service names carry them into Host fields.
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_DNS_RE = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")
 
 
 class ConfigError(Exception):
@@ -160,6 +168,66 @@ def mapping_section(err: Errors, doc: dict, key: str) -> dict:
         err.add(key, f"must be a mapping of name to {key[:-1]}, got {describe(value)}")
         return {}
     return value
+
+
+def token_check(value: str) -> str | None:
+    return None if _TOKEN_RE.match(value) else f"'{value}' is not an HTTP token (letters, digits, !#$%&'*+-.^_`|~)"
+
+
+def header_value_check(value: str) -> str | None:
+    bad = _BAD_VALUE_RE.search(value)
+    if bad:
+        return (f"must not contain control characters such as CR, LF or NUL "
+                f"(found {bad.group()!r} at {bad.start()})")
+    return None
+
+
+def split_host_pattern(text: str, wildcard: bool = False) -> tuple[str, int | None]:
+    """'Host', 'host:80', '[::1]:80', '10.0.0.1' -> (lower-case host, port or None). Raises ValueError.
+
+    The host is a DNS name, an IPv4 literal, or an IPv6 literal in brackets;
+    with ``wildcard`` also ``*.`` followed by a DNS name.
+    """
+    text = text.lower()
+    if text.startswith("["):
+        host, sep, rest = text.partition("]")
+        host += sep
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"'{text}' is not host[:port] (IPv6 is written [addr] or [addr]:port)")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"'{host[1:-1]}' is not an IPv6 address") from None
+        port_text = rest[1:] if rest else None
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"'{text}': write IPv6 addresses as [addr] or [addr]:port")
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = None
+        name = host[2:] if wildcard and host.startswith("*.") else host
+        if not _DNS_RE.match(name):
+            raise ValueError(f"'{host}' is not a host name or IP address"
+                             + (" (wildcards are written *.suffix)" if wildcard and "*" in host else ""))
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535, got '{port_text}'")
+    return host, int(port_text)
+
+
+def regex_check(value: str) -> str | None:
+    """Patterns run on bytes (request paths and field values), so they are checked as bytes patterns."""
+    if len(value) > MAX_REGEX_LENGTH:
+        return f"is longer than {MAX_REGEX_LENGTH} characters"
+    try:
+        re.compile(value.encode())
+    except re.error as exc:
+        return f"invalid regex: {exc}"
+    return None
+
+
+MAX_REGEX_LENGTH = 1024
 
 
 # --- sections

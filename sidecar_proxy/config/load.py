@@ -9,6 +9,7 @@ fixes a config in one round. Nothing here raises anything but
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..addr import split_host_port
-from . import model
+from . import http_options, model, routes as route_tables
 from .fields import (ConfigError, Errors, check_keys as _check_fields, describe, get, get_parsed, ip_check, join,
                      mapping_section, name_check, parse_duration, parse_size, port_check, positive)
 
@@ -28,15 +29,11 @@ MAX_DOCUMENT_BYTES = 4 << 20
 # Keys of the schema that later releases serve. Naming them lets the
 # validator say "not supported by this build yet" instead of "unknown key",
 # and a config written for a newer proxy fails loudly instead of silently
-# running without, say, mTLS.
+# running without, say, mTLS. (Those of routes are in routes.py.)
 _PLANNED = {
     "": {"tls", "telemetry"},
     "listener": {"tls"},
     "cluster": {"circuit_breakers", "outlier_detection", "tls"},
-    "route": {"timeout", "retry", "rate_limit", "authorization", "weighted_clusters",
-              "direct_response", "redirect", "request_headers", "response_headers",
-              "host_rewrite"},
-    "match": {"host", "path", "path_prefix", "path_regex", "method", "headers"},
 }
 
 
@@ -71,7 +68,7 @@ def _admin(err: Errors, doc: Any) -> model.Admin | None:
 
 
 _LISTENER_KEYS = {"address", "port", "transparent", "interception", "protocol", "routes", "idle_timeout",
-                  "max_connections", "buffer_limit", "detection_timeout", "opaque_ports"}
+                  "max_connections", "buffer_limit", "detection_timeout", "opaque_ports", "http"}
 
 
 def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
@@ -107,12 +104,15 @@ def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
                     check=lambda v: None if 1 <= v <= 10_000_000 else "must be 1..10000000")
     buffer_limit = get_parsed(err, path, doc, "buffer_limit", parse_size, 1 << 20,
                                lambda v: None if 4096 <= v <= (256 << 20) else "must be 4KiB..256MiB")
+    if protocol == "tcp" and doc.get("http") is not None:
+        err.add(join(path, "http"), "applies only to listeners with protocol auto or http")
+    http = http_options.listener_http(err, join(path, "http"), doc.get("http"))
     if len(err.items) > before:
         return None
     return model.Listener(name=name, address=address, port=port, routes=routes,
                           transparent=transparent, interception=interception, protocol=protocol,
                           idle_timeout=idle, detection_timeout=detection, opaque_ports=opaque,
-                          max_connections=max_conn, buffer_limit=buffer_limit)
+                          max_connections=max_conn, buffer_limit=buffer_limit, http=http)
 
 
 def _ports(err: Errors, path: str, value: Any) -> frozenset[int] | None:
@@ -152,7 +152,7 @@ def _endpoint(err: Errors, path: str, doc: Any) -> model.Endpoint | None:
     return model.Endpoint(host, port, weight)
 
 
-_CLUSTER_KEYS = {"endpoints", "original_destination", "connect_timeout", "lb"}
+_CLUSTER_KEYS = {"endpoints", "original_destination", "connect_timeout", "lb", "pool"}
 
 
 def _cluster(err: Errors, name: str, doc: Any) -> model.Cluster | None:
@@ -184,31 +184,11 @@ def _cluster(err: Errors, name: str, doc: Any) -> model.Cluster | None:
         return f"'{value}' is not a load balancing policy"
 
     lb = get(err, path, doc, "lb", str, default="round_robin", check=lb_check)
+    pool = http_options.cluster_pool(err, join(path, "pool"), doc.get("pool"))
     if len(err.items) > before:
         return None
     return model.Cluster(name=name, endpoints=tuple(endpoints), original_destination=original,
-                         connect_timeout=timeout, lb=lb)
-
-
-def _route_table(err: Errors, name: str, doc: Any) -> tuple[model.Route, ...] | None:
-    path = f"route_tables.{name}"
-    if not isinstance(doc, list) or not doc:
-        err.add(path, "must be a non-empty list of routes")
-        return None
-    routes = []
-    for i, item in enumerate(doc):
-        rpath = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            err.add(rpath, f"must be a mapping with 'match' and 'cluster', got {describe(item)}")
-            continue
-        check_keys(err, rpath, item, {"match", "cluster"}, "route")
-        match = get(err, rpath, item, "match", dict)
-        if match:
-            check_keys(err, f"{rpath}.match", match, set(), "match")
-        cluster = get(err, rpath, item, "cluster", str)
-        if match is not None and cluster is not None:
-            routes.append(model.Route(model.Match(), cluster))
-    return tuple(routes)
+                         connect_timeout=timeout, lb=lb, pool=pool)
 
 
 def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str, model.Listener]) -> None:
@@ -289,19 +269,16 @@ def build(doc: Any) -> model.Config:
                 out[name] = parsed
         return out
 
-    listeners = named("listeners", "listener", _listener)
-    clusters = named("clusters", "cluster", _cluster)
-    tables = named("route_tables", "route table", _route_table)
     raw_tables = doc.get("route_tables") if isinstance(doc.get("route_tables"), dict) else {}
     raw_clusters = doc.get("clusters") if isinstance(doc.get("clusters"), dict) else {}
     raw_listeners = doc.get("listeners") if isinstance(doc.get("listeners"), dict) else {}
+    listeners = named("listeners", "listener", _listener)
+    clusters = named("clusters", "cluster", _cluster)
+    # Routes check their cluster names against the raw section: naming a
+    # cluster that exists but has an error of its own is not an error too.
+    tables = named("route_tables", "route table",
+                   functools.partial(route_tables.route_table, cluster_names=frozenset(raw_clusters)))
 
-    for tname, routes in tables.items():
-        for i, route in enumerate(routes):
-            if route.cluster not in raw_clusters:
-                hint = difflib.get_close_matches(route.cluster, list(raw_clusters), n=1)
-                err.add(f"route_tables.{tname}[{i}].cluster", f"no cluster named '{route.cluster}'"
-                        + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     if isinstance(doc.get("listeners"), dict) and not raw_listeners and not dynamic:
         err.add("listeners", "must define at least one listener")
     # References are checked on the raw documents too, so a listener with an
@@ -312,20 +289,7 @@ def build(doc: Any) -> model.Config:
             hint = difflib.get_close_matches(table, list(raw_tables), n=1)
             err.add(f"listeners.{lname}.routes", f"no route table named '{table}'"
                     + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-    for lname, listener in listeners.items():
-        rpath = f"listeners.{lname}.routes"
-        routes = tables.get(listener.routes)
-        if routes is None:
-            continue
-        catch_all = next((r for r in routes if r.match.is_catch_all), None)
-        if catch_all is None:
-            err.add(rpath, f"route table '{listener.routes}' has no catch-all route (match: {{}}), "
-                           "which a tcp listener needs")
-            continue
-        cluster = clusters.get(catch_all.cluster)
-        if cluster is not None and cluster.original_destination and not listener.transparent:
-            err.add(rpath, f"sends to original_destination cluster '{cluster.name}', "
-                           "but the listener is not transparent, so there is no original destination")
+    route_tables.check_listener_tables(err, listeners, tables, clusters)
     _bind_conflicts(err, admin, listeners)
     if err.items:
         raise ConfigError(err.items)

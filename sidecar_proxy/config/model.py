@@ -10,12 +10,17 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from ..protocols.events import Limits
+
 SCHEMA_VERSION = 1
 
-# Protocols a listener may declare. Only "tcp" is served by this build; the
-# others are part of the schema so the validator can say so by name.
-PROTOCOLS_SUPPORTED = ("tcp", "auto")
-PROTOCOLS_PLANNED = ("http",)
+# Protocols a listener may declare. Planned ones would be part of the schema
+# so the validator can say "not supported by this build yet" by name.
+PROTOCOLS_SUPPORTED = ("tcp", "auto", "http")
+PROTOCOLS_PLANNED: tuple[str, ...] = ()
+
+# listener http.codec: "auto" picks the fastest installed one at run time.
+HTTP1_CODEC_AUTO = "auto"
 
 # Destination ports where the server speaks first (SMTP, MySQL, PostgreSQL,
 # Redis, memcached, ...): an "auto" listener relays them at once instead of
@@ -38,6 +43,29 @@ class Node:
 class Admin:
     address: str = "127.0.0.1"
     port: int = 15000
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """HTTP/1.1 settings of a listener with protocol "auto" or "http"."""
+
+    # "auto" | one of protocols.http1.CODECS; whether it is installed is
+    # checked when the listener starts, not by the validator.
+    codec: str = HTTP1_CODEC_AUTO
+    max_request_header_bytes: int = 60 * 1024   # request line + fields (431)
+    max_request_headers: int = 100              # fields in the head (431)
+    max_uri_length: int = 8 * 1024              # request target (414)
+    # From the connection's first byte (or the end of the previous response)
+    # to the end of the request head; then 408. Bounds slowloris clients.
+    request_header_timeout: float = 10.0
+    x_forwarded_for: bool = True     # append the peer's address
+    x_forwarded_proto: bool = True   # set the scheme the client used
+    request_id: bool = True          # generate x-request-id when the request has none
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_header_bytes=self.max_request_header_bytes, max_header_count=self.max_request_headers,
+                      max_uri_bytes=self.max_uri_length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +92,9 @@ class Listener:
     # Per direction: reading from the sender pauses when this many bytes are
     # waiting to be written to the receiver, and resumes at a quarter of it.
     buffer_limit: int = 1 << 20
+    # Used by "auto" (for what it detects as HTTP/1) and "http" listeners; a
+    # "tcp" listener always has the defaults (the validator refuses the key).
+    http: HttpOptions = HttpOptions()
 
     @property
     def bind_key(self) -> tuple:
@@ -87,27 +118,151 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """Idle upstream HTTP/1.1 connections kept for reuse, per endpoint."""
+
+    # 0 disables reuse: one connection per request. The default is high on
+    # purpose: with fewer idle slots than concurrent requests the pool closes
+    # connections it needs a moment later (measured: 64 concurrent clients
+    # over 32 slots opened 100 connections a second and cost 3x the CPU).
+    max_idle_per_endpoint: int = 1024
+    # Just under Node.js's 5 s keep-alive timeout, the shortest default among
+    # common servers: the pool closes an idle connection before the server
+    # does, so a request is not sent on a connection the server is closing
+    # (a race that loses the request or forces a retry).
+    idle_timeout: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     endpoints: tuple[Endpoint, ...] = ()
     original_destination: bool = False
     connect_timeout: float = 5.0
     lb: str = "round_robin"
+    pool: PoolOptions = PoolOptions()
+
+
+# Where transparent traffic that no route claims goes: the connection's
+# original destination. Not in Config.clusters; a route never names it.
+PASSTHROUGH = Cluster(name="passthrough", original_destination=True)
+
+HEADER_MATCH_KINDS = ("exact", "prefix", "regex", "present")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str            # lower-case
+    kind: str            # one of HEADER_MATCH_KINDS
+    value: str = ""      # "" for "present"
+    # True: the request matches when NO field of this name matches (for
+    # "present": when the field is absent).
+    invert: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """An empty match (the only kind this build serves) matches everything."""
+    """All given conditions must hold; an empty match matches everything.
+
+    ``host`` holds lower-case patterns: exact names or ``*.suffix``, either
+    with ``:port`` (then the whole authority must match) or without (any
+    port). At most one of path / path_prefix / path_regex is set.
+    """
+
+    host: tuple[str, ...] = ()
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None   # re, anchored at the start of the path (add $ to anchor the end)
+    method: tuple[str, ...] = ()    # case-sensitive, as HTTP methods are
+    headers: tuple[HeaderMatch, ...] = ()
 
     @property
     def is_catch_all(self) -> bool:
-        return True
+        return not (self.host or self.path is not None or self.path_prefix is not None
+                    or self.path_regex is not None or self.method or self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    cluster: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: str = ""
+    content_type: str = "text/plain"
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """The request's URL with the given parts replaced (at least one is given)."""
+
+    status: int = 301
+    scheme: str | None = None   # lower-case
+    host: str | None = None     # without port
+    port: int | None = None
+    path: str | None = None
+    strip_query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRewrite:
+    """Names are lower-case HTTP tokens; a name appears in at most one of the three."""
+
+    add: tuple[tuple[str, str], ...] = ()   # appended
+    set: tuple[tuple[str, str], ...] = ()   # replaces every field of that name
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.set or self.remove)
+
+
+# Route actions; exactly one is set on a Route.
+ACTIONS = ("cluster", "weighted_clusters", "direct_response", "redirect")
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     match: Match
-    cluster: str
+    cluster: str | None = None
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    direct_response: DirectResponse | None = None
+    redirect: Redirect | None = None
+    # For logs and metrics; the loader fills in "{table}[{index}]" when absent.
+    name: str = ""
+    request_headers: HeaderRewrite = HeaderRewrite()
+    response_headers: HeaderRewrite = HeaderRewrite()
+    host_rewrite: str | None = None   # host[:port] sent upstream instead of the request's
+    # Upstream response timeout (to the response head), then 504; 0 = none.
+    timeout: float = 15.0
+
+    @property
+    def action(self) -> str:
+        """One of ACTIONS."""
+        if self.cluster is not None:
+            return "cluster"
+        if self.weighted_clusters:
+            return "weighted_clusters"
+        if self.direct_response is not None:
+            return "direct_response"
+        return "redirect"
+
+    @property
+    def clusters(self) -> tuple[str, ...]:
+        """The names of the clusters this route may send to."""
+        if self.cluster is not None:
+            return (self.cluster,)
+        return tuple(w.cluster for w in self.weighted_clusters)
+
+    @property
+    def forwards(self) -> bool:
+        """True when the route sends to a cluster (so it can carry TCP too)."""
+        return self.cluster is not None or bool(self.weighted_clusters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +292,30 @@ class Config:
     # The document as the user wrote it (after parsing), for /config_dump.
     source_document: Mapping = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
-    def catch_all_cluster(self, table: str) -> Cluster:
-        """The cluster of a table's first catch-all route (validated to exist)."""
+    def tcp_route(self, listener: str) -> Route | None:
+        """The route for a listener's non-HTTP connections, or None.
+
+        It is the first catch-all route that sends to a cluster (a
+        direct_response or redirect cannot answer TCP). None means: the
+        connection goes to its original destination on a transparent
+        listener, and is refused on an "http" listener. The validator makes
+        sure "tcp" listeners, and non-transparent "auto" ones, have one.
+        """
+        for route in self.route_tables[self.listeners[listener].routes]:
+            if route.forwards and route.match.is_catch_all:
+                return route
+        return None
+
+    def catch_all_cluster(self, table: str) -> Cluster | None:
+        """Deprecated: use :meth:`tcp_route` (this stays until the TCP relay moves to it).
+
+        The cluster of the table's TCP route (see tcp_route). None when that
+        route has weighted_clusters (one cluster per connection must be
+        picked by weight; tcp_route gives the route). PASSTHROUGH when the
+        table has no TCP route, which the validator only allows for
+        transparent "auto" listeners and "http" listeners.
+        """
         for route in self.route_tables[table]:
-            if route.match.is_catch_all:
-                return self.clusters[route.cluster]
-        raise KeyError(table)  # load.py rejects a table without one
+            if route.forwards and route.match.is_catch_all:
+                return self.clusters[route.cluster] if route.cluster is not None else None
+        return PASSTHROUGH

@@ -60,6 +60,7 @@ def test_valid_document_builds_frozen_model():
     assert payments.connect_timeout == pytest.approx(0.25)
     assert [(e.host, e.port, e.weight) for e in payments.endpoints] == [("10.0.3.4", 8080, 1), ("10.0.3.5", 8080, 2)]
     assert config.catch_all_cluster("od").original_destination
+    assert config.tcp_route("local").cluster == "payments" and config.tcp_route("local").name == "app[0]"
     with pytest.raises(AttributeError):
         config.listeners["out"].port = 1
     with pytest.raises(TypeError):
@@ -93,7 +94,7 @@ def test_sizes(text, size):
     (mutated(listeners__out__port=True), "listeners.out.port", "must be a number, got a boolean"),
     (mutated(listeners__out__address="localhost"), "listeners.out.address", "not an IP address"),
     (mutated(listeners__out__adress="0.0.0.0"), "listeners.out.adress", "did you mean 'address'"),
-    (mutated(listeners__out__protocol="http"), "listeners.out.protocol", "not supported by this build yet"),
+    (mutated(listeners__out__http={"codec": "h11"}), "listeners.out.http", "only to listeners with protocol auto"),
     (mutated(listeners__out__protocol="quic"), "listeners.out.protocol", "not a protocol"),
     (mutated(listeners__out__routes="odd"), "listeners.out.routes", "did you mean 'od'"),
     (mutated(listeners__out__idle_timeout="0s"), "listeners.out.idle_timeout", "greater than zero"),
@@ -109,7 +110,7 @@ def test_sizes(text, size):
     (mutated(clusters__orig__endpoints=["1.2.3.4:80"]), "clusters.orig.endpoints", "must be empty"),
     (mutated(clusters__payments__tls={"mode": "mutual"}), "clusters.payments.tls", "not supported by this build"),
     (mutated(route_tables__app__0__cluster="paymens"), "route_tables.app[0].cluster", "did you mean 'payments'"),
-    (mutated(route_tables__app__0__match={"path_prefix": "/api"}), "route_tables.app[0].match.path_prefix",
+    (mutated(route_tables__app__0__retry={"attempts": 2}), "route_tables.app[0].retry",
      "not supported by this build yet"),
     (mutated(route_tables__app=[{"cluster": "payments"}]), "route_tables.app[0].match", "is required"),
     (mutated(route_tables__app=[]), "route_tables.app", "non-empty list"),
@@ -145,10 +146,9 @@ def test_ipv4_and_ipv6_wildcards_on_one_port_do_not_conflict():
 
 
 def test_tcp_listener_needs_a_catch_all_route():
-    # An empty match is the only one this build accepts, so every table has
-    # one; the check guards the model for the HTTP routes that come later.
-    config = load.build(BASE)
-    assert all(r.match.is_catch_all for r in config.route_tables["app"])
+    # (tests/config/test_routes.py covers the auto and http listeners.)
+    doc = mutated(route_tables__app=[{"match": {"path": "/x"}, "cluster": "payments"}])
+    assert "no catch-all route" in errors_of(doc)["listeners.local.routes"]
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -223,4 +223,23 @@ def test_a_bootstrap_with_control_may_leave_out_what_the_server_provides():
                          "control": {"server": "http://127.0.0.1:15010", "initial_fetch_timeout": "2s"}})
     assert config.listeners == {} and config.control.port == 15010
     assert config.control.initial_fetch_timeout == 2.0 and config.control.backoff_max == 10.0
+    assert load.build(to_document(config)) == config
+
+
+def test_the_full_contract_builds_once_the_planned_keys_are_left_out():
+    doc = yaml.safe_load((REPO / "config" / "example-full.yaml").read_text())
+    for key in ("tls", "telemetry"):
+        del doc[key]
+    del doc["listeners"]["inbound"]["tls"]
+    for key in ("circuit_breakers", "outlier_detection", "tls", "lb"):
+        del doc["clusters"]["payments"][key]
+    for routes in doc["route_tables"].values():
+        for route in routes:
+            for key in ("retry", "rate_limit", "authorization"):
+                route.pop(key, None)
+    config = load.build(doc)
+    first = config.route_tables["outbound"][0]
+    assert first.name == "payments-api" and first.action == "weighted_clusters"
+    assert config.route_tables["outbound"][1].direct_response.body == "ok\n"
+    assert config.listeners["local"].protocol == "http" and config.tcp_route("local") is None
     assert load.build(to_document(config)) == config

@@ -1,0 +1,1 @@
+"""Route tables compiled per snapshot: match a request head, choose an action."""
