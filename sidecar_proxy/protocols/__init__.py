@@ -1,0 +1,1 @@
+"""Protocols a connection can speak once detected: tcp (the relay) and HTTP."""

@@ -1,0 +1,76 @@
+"""HTTP/1.1: two sans-IO codecs behind one interface, and the proxy session.
+
+The interface every codec implements (``Parser``)::
+
+    parser = make_parser(codec, role, sink, limits)   # role: "request" | "response"
+    rest = parser.feed(data)   # calls sink.on_head / on_data / on_end synchronously
+    ok = parser.feed_eof()     # the peer closed its sending side
+
+* ``sink.on_head(head)``: a ``Request`` (role "request") or ``Response``
+  (role "response") from ``..events``, framing already decided and checked.
+* ``sink.on_data(chunk)``: body bytes, de-chunked; never empty.
+* ``sink.on_end(trailers)``: the message ended; ``trailers`` is a header
+  list (lower-case names) or None. Informational (1xx) responses get
+  ``on_head`` and no ``on_data``/``on_end``.
+* ``feed`` returns None while the bytes are HTTP/1. It returns the bytes
+  that followed (maybe b"") once the stream stops being HTTP/1: in role
+  "request" right after ``on_end`` of a request with ``upgrade`` set or
+  method CONNECT (whether the switch happens is the upstream's answer, so
+  the session keeps these bytes and, if the upgrade is declined, feeds them
+  to a fresh parser); in role "response" after ``on_head`` of a 101 or of a
+  2xx answer to CONNECT. After that the parser takes no more input.
+* Role "response": ``parser.expect(method)`` must be called before each
+  response with the request's method (HEAD and CONNECT change framing).
+  One parser serves every response of an upstream connection;
+  ``set_sink(sink)`` points it at the exchange of the next one.
+* Malformed input raises ``HttpError`` (from ``feed``, possibly after some
+  sink calls for earlier, valid messages). The parser is then dead.
+* ``feed_eof()`` returns True if the input ended cleanly: between messages,
+  or ending a read-until-close response body (then ``on_end(None)`` was
+  called). False means a message was cut short.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+from ..events import Headers, Limits, Request, Response
+
+CODECS = ("h11", "httptools")
+
+
+class Sink(Protocol):
+    def on_head(self, head: Request | Response) -> None: ...
+    def on_data(self, data: bytes) -> None: ...
+    def on_end(self, trailers: Headers | None) -> None: ...
+
+
+class Parser(Protocol):
+    def feed(self, data: bytes) -> bytes | None: ...
+    def feed_eof(self) -> bool: ...
+    def expect(self, method: bytes) -> None: ...
+    def set_sink(self, sink: Sink) -> None: ...
+
+
+def available_codecs() -> tuple[str, ...]:
+    if importlib.util.find_spec("httptools") is None:
+        return ("h11",)
+    return CODECS
+
+
+def resolve_codec(name: str) -> str:
+    """"auto" -> the fastest installed codec; a named one must be installed."""
+    available = available_codecs()
+    if name == "auto":
+        return available[-1]
+    if name not in available:
+        raise ValueError(f"http1 codec '{name}' is not installed (available: {', '.join(available)})")
+    return name
+
+
+def make_parser(codec: str, role: str, sink: Sink, limits: Limits) -> Parser:
+    if codec == "httptools":
+        from .httptools_codec import HttptoolsParser
+        return HttptoolsParser(role, sink, limits)
+    from .h11_codec import H11Parser
+    return H11Parser(role, sink, limits)
