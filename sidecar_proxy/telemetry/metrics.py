@@ -47,7 +47,13 @@ class _TcpCollector:
         buffered = GaugeMetricFamily("sidecar_tcp_buffered_bytes",
                                      "Bytes held in the proxy's write buffers now, all connections.",
                                      labels=["listener"])
+        http = CounterMetricFamily("sidecar_http_requests",
+                                   "HTTP requests answered, by status class and response flag "
+                                   "('-': none; DPE, DRT, NR, UF, UT, UC, UPE, DC, DR, LOOP: see README).",
+                                   labels=["listener", "code_class", "flags"])
         for state in self._states():
+            for (code, flag), count in state.http_requests.items():
+                http.add_metric([state.name, f"{code}xx" if code else "none", flag], count)
             name = [state.name]
             conns = list(state.connections)
             opened.add_metric(name, state.opened)
@@ -61,7 +67,7 @@ class _TcpCollector:
             rx.add_metric(name, state.closed_rx + sum(c.down.nbytes for c in conns))
             tx.add_metric(name, state.closed_tx + sum(c.up.nbytes for c in conns if c.up is not None))
             buffered.add_metric(name, sum(c.buffered() for c in conns))
-        return [opened, closed, active, refused, rx, tx, buffered, detections]
+        return [opened, closed, active, refused, rx, tx, buffered, detections, http]
 
 
 class Metrics:

@@ -16,9 +16,12 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
-from ..config.model import Cluster, Listener
+from ..config.model import PASSTHROUGH, Cluster, Config, Listener
 from ..config.snapshot import Snapshot, UpdateRejected
+from ..protocols.http1.runtime import HttpRuntime
+from ..routing.table import RouteTable
 from ..upstream.balancer import make_picker
+from ..upstream.pool import PoolManager
 from ..addr import format_addr
 from ..logs import Throttle
 from .relay import Relay
@@ -37,7 +40,8 @@ class ListenerState:
     Plain ints: a scrape reads them (see telemetry.metrics), the hot path only adds.
     """
 
-    __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused", "detections")
+    __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused", "detections",
+                 "http_requests")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -48,6 +52,7 @@ class ListenerState:
         self.closed_tx = 0  # bytes sent to downstream by finished connections
         self.refused: dict[str, int] = {}
         self.detections: dict[str, int] = {}  # "auto" listeners: tls/http2/http1/opaque/timeout/opaque_port
+        self.http_requests: dict[tuple[int, str], int] = {}  # (status // 100, response flag or "-")
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -63,29 +68,68 @@ class ListenerRuntime:
     binds no metric labels.
     """
 
-    __slots__ = ("listener", "cluster", "state", "loop", "own_ports", "pick_endpoint",
-                 "snapshot_version", "connect_seconds", "log_throttle", "_failure_counter", "_failures")
+    __slots__ = ("listener", "state", "loop", "own_ports", "snapshot_version", "log_throttle", "http",
+                 "tcp_cluster", "tcp_route", "clusters", "pickers", "_metrics", "_failures", "_connect_seconds")
 
-    def __init__(self, listener: Listener, cluster: Cluster, state: ListenerState,
+    def __init__(self, listener: Listener, config: Config, state: ListenerState,
                  loop: asyncio.AbstractEventLoop, own_ports: frozenset[int], snapshot_version: int,
-                 metrics: Metrics, log_throttle: Throttle) -> None:
+                 metrics: Metrics, log_throttle: Throttle, pools: PoolManager,
+                 codec_override: str | None = None) -> None:
         self.listener = listener
-        self.cluster = cluster
         self.state = state
         self.loop = loop
         self.own_ports = own_ports
-        self.pick_endpoint = make_picker(cluster)
         self.snapshot_version = snapshot_version
-        self.connect_seconds = metrics.upstream_connect_seconds.labels(cluster=cluster.name)
         self.log_throttle = log_throttle
-        self._failure_counter = metrics.upstream_connect_failures
-        self._failures: dict[str, object] = {}
+        self._metrics = metrics
+        self._failures: dict[tuple[str, str], object] = {}
+        self._connect_seconds: dict[str, object] = {}
+        self.http = None
+        if listener.protocol in ("http", "auto"):
+            self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, metrics, log_throttle,
+                                    codec_override)
+            table = self.http.table
+            self.clusters = self.http.clusters
+            self.pickers = self.http.pickers
+        else:
+            table = RouteTable(listener.routes, config.route_tables[listener.routes])
+            self.clusters = dict(config.clusters)
+            self.pickers = {name: make_picker(c) for name, c in config.clusters.items()
+                            if not c.original_destination}
+        # Bytes that are not HTTP go to the table's first catch-all route
+        # (the validator makes tcp listeners have one), or where they were going.
+        self.tcp_route = table.tcp_route()
+        if self.tcp_route is None:
+            self.tcp_cluster = PASSTHROUGH if listener.transparent else None
+        elif self.tcp_route.route.cluster is not None:
+            self.tcp_cluster = config.clusters[self.tcp_route.route.cluster]
+        else:
+            self.tcp_cluster = None  # weighted: chosen per connection
 
-    def connect_failures(self, reason: str):
-        child = self._failures.get(reason)
+    def tcp_target(self, orig_dst: tuple[str, int] | None) -> tuple[Cluster | None, tuple[str, int] | None]:
+        cluster = self.tcp_cluster
+        if cluster is None:
+            if self.tcp_route is None:
+                return None, None
+            cluster = self.clusters[self.tcp_route.pick_cluster()]
+        if cluster.original_destination:
+            # The validator allows original_destination clusters on transparent listeners only.
+            return cluster, orig_dst
+        return cluster, self.pickers[cluster.name]()
+
+    def connect_seconds(self, cluster: str):
+        child = self._connect_seconds.get(cluster)
         if child is None:
-            child = self._failures[reason] = self._failure_counter.labels(cluster=self.cluster.name, reason=reason)
+            child = self._connect_seconds[cluster] = self._metrics.upstream_connect_seconds.labels(cluster=cluster)
         return child
+
+    def connect_failures(self, cluster: str, reason: str) -> None:
+        key = (cluster, reason)
+        child = self._failures.get(key)
+        if child is None:
+            child = self._failures[key] = self._metrics.upstream_connect_failures.labels(cluster=cluster,
+                                                                                          reason=reason)
+        child.inc()
 
 
 class _Bound:
@@ -140,9 +184,11 @@ def bind_socket(address: str, port: int, tproxy: bool = False) -> socket.socket:
 class ListenerManager:
     """The snapshot participant that owns every listening socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, codec_override: str | None = None) -> None:
         self.loop = loop
         self.metrics = metrics
+        self.codec_override = codec_override  # `run --http1-codec`: every listener's http.codec
+        self.pools = PoolManager(loop)
         self.states: dict[str, ListenerState] = {}
         self._bound: dict[str, _Bound] = {}
         self._runtimes: dict[str, ListenerRuntime] = {}
@@ -160,9 +206,11 @@ class ListenerManager:
         runtimes = {}
         for name, listener in config.listeners.items():
             state = self.states.get(name) or ListenerState(name)
-            runtimes[name] = ListenerRuntime(listener, config.catch_all_cluster(listener.routes), state,
-                                             self.loop, own_ports, new.version, self.metrics,
-                                             self.log_throttle)
+            try:
+                runtimes[name] = ListenerRuntime(listener, config, state, self.loop, own_ports, new.version,
+                                                 self.metrics, self.log_throttle, self.pools, self.codec_override)
+            except ValueError as exc:  # an http1 codec that is not installed
+                raise UpdateRejected([(f"listeners.{name}.http.codec", str(exc))]) from None
         to_bind = [l for n, l in config.listeners.items()
                    if n not in self._bound or self._bound[n].listener.bind_key != l.bind_key]
         errors = []
@@ -242,10 +290,18 @@ class ListenerManager:
         return {name: b.sock.getsockname()[:2] for name, b in self._bound.items()}
 
     def stop_accepting(self) -> None:
-        """Close every listening socket; established connections continue."""
+        """Close every listening socket; established connections continue.
+
+        HTTP connections are asked to finish: an idle one closes now, a busy
+        one after its response (which says ``connection: close``). Idle
+        upstream connections are closed.
+        """
         self.accepting = False
         for bound in self._bound.values():
             bound.server.close()
+        for relay in list(self.connections()):
+            relay.drain()
+        self.pools.close_idle()
 
     def connections(self) -> Iterator[Relay]:
         for state in self.states.values():

@@ -51,10 +51,11 @@ CLOSE_REASONS = ("normal", "reset", "idle_timeout", "connect_failed", "refused",
 DETECTING = "detecting"
 CONNECTING = "connecting"
 ESTABLISHED = "established"
+HTTP = "http"          # an HTTP/1 session: requests are routed one by one
 CLOSING = "closing"
 
 
-def _connect_failure_reason(exc: BaseException) -> str:
+def connect_failure_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     code = getattr(exc, "errno", None)
@@ -157,7 +158,7 @@ class Relay:
 
     __slots__ = ("rt", "down", "up", "peer_addr", "orig_dst", "upstream_addr", "state",
                  "created", "seen_bytes", "quiet_ticks", "timer", "connect_task", "closed",
-                 "close_reason", "early", "detection", "detect_timer")
+                 "close_reason", "early", "detection", "detect_timer", "cluster", "session", "http_tx")
 
     def __init__(self, rt: ListenerRuntime) -> None:
         self.rt = rt
@@ -178,6 +179,9 @@ class Relay:
         self.early: list[bytes] | None = None
         self.detection: Detection | None = None
         self.detect_timer: asyncio.TimerHandle | None = None
+        self.cluster = None  # the TCP relay's cluster, chosen when relaying starts
+        self.session = None  # the HTTP session while the connection speaks HTTP/1
+        self.http_tx = 0     # bytes read from upstreams on behalf of the HTTP session
 
     # --- accept -> destination -> connect
 
@@ -202,15 +206,13 @@ class Relay:
                 return
             # No NAT entry: the client dialled the listener itself.
             self.orig_dst = dst if dst is not None else transport.get_extra_info("sockname")[:2]
-        # The validator allows original_destination clusters on transparent listeners only.
-        target = self.orig_dst if rt.cluster.original_destination else rt.pick_endpoint()
-        if is_own_listener(target, rt.own_ports):
-            self.refuse("redirect_loop")
-            return
-        self.upstream_addr = target
         limit = rt.listener.buffer_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        if rt.listener.protocol == "auto":
+        protocol = rt.listener.protocol
+        if protocol == "http":
+            self._start_http()
+            return
+        if protocol == "auto":
             port = self.orig_dst[1] if self.orig_dst else rt.listener.port
             if port in rt.listener.opaque_ports:
                 rt.state.count_detection("opaque_port")
@@ -220,7 +222,27 @@ class Relay:
                 self.detect_timer = rt.loop.call_later(rt.listener.detection_timeout, self._detection_timed_out)
                 transport.resume_reading()
                 return
-        self.connect_task = rt.loop.create_task(self._connect(target))
+        self._relay_tcp()
+
+    def _relay_tcp(self) -> None:
+        """Relay bytes to the listener's TCP route: its cluster, or where the connection was going."""
+        self.cluster, target = self.rt.tcp_target(self.orig_dst)
+        if target is None or is_own_listener(target, self.rt.own_ports):
+            self.refuse("redirect_loop" if target is not None else "no_route")
+            return
+        self.upstream_addr = target
+        self.state = CONNECTING
+        if not self.closed and not self.down.lost:
+            self.down.transport.pause_reading()
+        self.connect_task = self.rt.loop.create_task(self._connect(target))
+
+    def _start_http(self) -> None:
+        from ..protocols.http1.session import Session
+        self.state = HTTP
+        self.session = Session(self, self.rt.http)
+        early, self.early = self.early, None
+        self._arm_idle_timer()
+        self.session.start(early)
 
     # --- protocol detection ("auto" listeners)
 
@@ -237,11 +259,13 @@ class Relay:
             self.detect_timer = None
         rt = self.rt
         rt.state.count_detection(outcome or found.proto.value)
-        # Every protocol is relayed as TCP until the HTTP path lands.
-        self.state = CONNECTING
-        if not self.closed and not self.down.lost:
-            self.down.transport.pause_reading()
-        self.connect_task = rt.loop.create_task(self._connect(self.upstream_addr))
+        if self.closed or self.down.lost:
+            return
+        if found.proto is Proto.HTTP1 and rt.http is not None:
+            self._start_http()
+            return
+        # TLS and HTTP/2 are relayed as TCP until their issues land.
+        self._relay_tcp()
 
     def _detection_timed_out(self) -> None:
         self.detect_timer = None
@@ -270,7 +294,7 @@ class Relay:
         # perf_counter, not loop.time(): uvloop's clock ticks in milliseconds.
         began = time.perf_counter()
         try:
-            async with asyncio.timeout(rt.cluster.connect_timeout):
+            async with asyncio.timeout(self.cluster.connect_timeout):
                 await loop.create_connection(self._make_upstream, target[0], target[1])
         except asyncio.CancelledError:
             self.closed = True
@@ -279,13 +303,13 @@ class Relay:
             abort_with_rst(self.down.transport)
             raise
         except (OSError, TimeoutError) as exc:
-            reason = _connect_failure_reason(exc)
-            rt.connect_failures(reason).inc()
+            reason = connect_failure_reason(exc)
+            rt.connect_failures(self.cluster.name, reason)
             self.close_reason = "connect_failed"
-            held = rt.log_throttle.allow(rt.cluster.name)
+            held = rt.log_throttle.allow(self.cluster.name)
             if held is not None:
                 log.warning("upstream connect failed", extra={"fields": {
-                    "listener": rt.listener.name, "cluster": rt.cluster.name, "upstream": format_addr(target),
+                    "listener": rt.listener.name, "cluster": self.cluster.name, "upstream": format_addr(target),
                     "reason": reason, "error": str(exc) or type(exc).__name__, "similar_not_logged": held}})
             self.closed = True
             self.state = CLOSING
@@ -293,7 +317,7 @@ class Relay:
             return
         finally:
             self.connect_task = None
-        rt.connect_seconds.observe(time.perf_counter() - began)
+        rt.connect_seconds(self.cluster.name).observe(time.perf_counter() - began)
         self._established()
 
     def hold_early(self, data: bytes) -> None:
@@ -342,7 +366,7 @@ class Relay:
     def _idle_tick(self) -> None:
         if self.closed:
             return
-        moved = self.down.nbytes + self.up.nbytes
+        moved = self.down.nbytes + (self.up.nbytes if self.up is not None else 0) + self.http_tx
         if moved != self.seen_bytes:
             self.seen_bytes = moved
             self.quiet_ticks = 0
@@ -409,7 +433,42 @@ class Relay:
         state.connections.discard(self)
         state.closed[self.close_reason] = state.closed.get(self.close_reason, 0) + 1
         state.closed_rx += self.down.nbytes
-        state.closed_tx += self.up.nbytes if self.up is not None else 0
+        state.closed_tx += (self.up.nbytes if self.up is not None else 0) + self.http_tx
+
+    # --- the HTTP session's hooks
+
+    def http_lost(self, exc: BaseException | None) -> None:
+        """The downstream of an HTTP session closed (the session cleaned up its upstreams)."""
+        if exc is not None and self.close_reason == "normal":
+            self.close_reason = "reset"
+        self.session = None
+        self._finish()
+
+    def become_tunnel(self, upstream: asyncio.Transport, to_upstream: bytes, to_downstream: bytes) -> None:
+        """After a 101 or a 2xx to CONNECT: relay bytes between the session's two connections."""
+        self.session = None
+        self.state = ESTABLISHED
+        up = _Upstream(self)
+        up.transport = upstream
+        up.peer = self.down
+        self.down.peer = up
+        self.up = up
+        upstream.set_protocol(up)
+        self.down.transport.set_protocol(self.down)
+        limit = self.rt.listener.buffer_limit
+        upstream.set_write_buffer_limits(high=limit, low=limit // 4)
+        if to_downstream:
+            up.nbytes += len(to_downstream)
+            self.down.transport.write(to_downstream)
+        if to_upstream:
+            upstream.write(to_upstream)
+        upstream.resume_reading()
+        self.down.transport.resume_reading()
+
+    def drain(self) -> None:
+        """Graceful stop: an HTTP connection closes after its current response; TCP is left to finish."""
+        if self.session is not None:
+            self.session.drain()
 
     # --- introspection (admin, metrics)
 
@@ -426,8 +485,9 @@ class Relay:
             "downstream": format_addr(self.peer_addr),
             "original_destination": format_addr(self.orig_dst),
             "upstream": format_addr(self.upstream_addr),
-            "cluster": self.rt.cluster.name,
+            "cluster": self.cluster.name if self.cluster is not None else None,
             "state": self.state,
+            "http_requests": self.session.requests if self.session is not None else None,
             "protocol": self.detection.proto.value if self.detection else None,
             "sni": self.detection.sni if self.detection else None,
             "rx_bytes": self.down.nbytes,

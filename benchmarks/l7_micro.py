@@ -1,0 +1,124 @@
+"""Pure-Python cost of one proxied HTTP/1.1 request, without sockets.
+
+Drives the real Session/Exchange/codec/route code with in-memory transports:
+a wrk-like GET goes in, an nginx-like small response comes back, and the
+time per request is what the proxy spends in Python on top of the
+syscalls and event loop work the L4 relay also pays. A guide for
+optimising the data path; the wrk benchmark (run.py) is the figure that counts.
+
+    python3 benchmarks/l7_micro.py [--codec httptools|h11] [-n 50000] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+
+import uvloop
+
+from sidecar_proxy.config.load import build
+from sidecar_proxy.protocols.http1.session import Session
+from sidecar_proxy.telemetry.metrics import Metrics
+from sidecar_proxy.transport.listeners import ListenerRuntime, ListenerState
+from sidecar_proxy.logs import Throttle
+from sidecar_proxy.upstream.pool import PoolManager, UpstreamConn
+
+REQUEST = (b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:15080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n")
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 07:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self, peer=None) -> None:
+        super().__init__()
+        self.written = 0
+        self.peer = peer
+
+    def write(self, data):
+        self.written += 1
+
+    def writelines(self, data):
+        self.written += 1
+
+    def is_closing(self):
+        return False
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def set_protocol(self, protocol):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+
+class FakeRelay:
+    def __init__(self, transport):
+        class Down:
+            pass
+        self.down = Down()
+        self.down.transport = transport
+        self.down.nbytes = 0
+        self.peer_addr = ("127.0.0.1", 40000)
+        self.orig_dst = None
+        self.http_tx = 0
+
+
+CONFIG = {
+    "version": 1, "node": {"id": "bench"},
+    "listeners": {"web": {"address": "127.0.0.1", "port": 15080, "protocol": "http", "routes": "main"}},
+    "clusters": {"backend": {"endpoints": ["127.0.0.1:8080"]}},
+    "route_tables": {"main": [{"match": {"path_prefix": "/"}, "cluster": "backend"}]},
+}
+
+
+async def main(args) -> None:
+    loop = asyncio.get_running_loop()
+    config = build(CONFIG)
+    listener = config.listeners["web"]
+    pools = PoolManager(loop)
+    rt = ListenerRuntime(listener, config, ListenerState("web"), loop, frozenset({15080}), 1, Metrics(),
+                         Throttle(1.0), pools, args.codec)
+    session = Session(FakeRelay(FakeTransport()), rt.http)
+    pool = rt.http.pool_for(config.clusters["backend"], ("127.0.0.1", 8080))
+    conn = UpstreamConn(pool)
+    conn.connection_made(FakeTransport())
+    pool.active += 1
+    pool.give_back(conn)
+
+    def one() -> None:
+        session.data_received(REQUEST)
+        conn.data_received(RESPONSE)
+
+    for _ in range(1000):
+        one()
+    n = args.n
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+    began = time.perf_counter()
+    for _ in range(n):
+        one()
+    took = time.perf_counter() - began
+    if args.profile:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    assert rt.state.http_requests.get((2, "-")) == n + 1000, rt.state.http_requests
+    print(f"{args.codec}: {took / n * 1e6:.2f} us per request (Python only, no syscalls)")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--codec", default="httptools", choices=("httptools", "h11"))
+    p.add_argument("-n", type=int, default=50000)
+    p.add_argument("--profile", action="store_true")
+    uvloop.run(main(p.parse_args()))

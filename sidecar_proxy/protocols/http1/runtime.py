@@ -1,0 +1,95 @@
+"""What every HTTP session of one listener under one snapshot shares.
+
+Built once per snapshot (with the listener's ``ListenerRuntime``), so a
+request does no config lookups: the route table is compiled, endpoint
+pickers and metric children are bound, the codec is resolved.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Callable
+
+from ...config.model import PASSTHROUGH, Cluster, Config, Listener
+from ...logs import Throttle
+from ...routing.table import RouteTable
+from ...upstream.balancer import make_picker
+from ...upstream.pool import Pool, PoolManager
+from . import resolve_codec
+from .session import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from ...telemetry.metrics import Metrics
+    from ...transport.listeners import ListenerState
+
+
+class HttpRuntime:
+    __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
+                 "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
+                 "add_request_id", "log_throttle", "_metrics", "_connect_seconds", "_failures", "_pool_cache",
+                 "_req_drop", "_resp_drop")
+
+    def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
+                 own_ports: frozenset[int], pools: PoolManager, metrics: Metrics, log_throttle: Throttle,
+                 codec_override: str | None = None) -> None:
+        opts = listener.http
+        self.name = listener.name
+        self.loop = loop
+        self.state = state
+        self.codec = resolve_codec(codec_override or opts.codec)
+        self.limits = opts.limits
+        self.table = RouteTable(listener.routes, config.route_tables[listener.routes])
+        self.clusters: dict[str, Cluster] = dict(config.clusters)
+        self.pickers: dict[str, Callable[[], tuple[str, int]]] = {
+            name: make_picker(c) for name, c in config.clusters.items() if not c.original_destination}
+        self.passthrough = PASSTHROUGH
+        self.own_ports = own_ports
+        self.pools = pools
+        self.buffer_limit = listener.buffer_limit
+        self.header_timeout = opts.request_header_timeout
+        self.default_timeout = 15.0  # requests that matched no route (transparent passthrough)
+        self.add_xff = opts.x_forwarded_for
+        self.add_xfp = opts.x_forwarded_proto
+        self.add_request_id = opts.request_id
+        self.log_throttle = log_throttle
+        self._metrics = metrics
+        self._connect_seconds: dict[str, object] = {}
+        self._failures: dict[tuple[str, str], object] = {}
+        self._pool_cache: dict[tuple, Pool] = {}
+        self._req_drop: dict = {None: HOP_BY_HOP}
+        self._resp_drop: dict = {None: HOP_BY_HOP}
+
+    def pool_for(self, cluster: Cluster, target: tuple[str, int]) -> Pool:
+        key = (cluster.name, target)
+        pool = self._pool_cache.get(key)
+        if pool is None or self.pools.pools.get(pool.key) is not pool:
+            opts = cluster.pool
+            pool = self.pools.pool(cluster.name, target, opts.max_idle_per_endpoint, opts.idle_timeout)
+            if len(self._pool_cache) < 4096:  # original-destination targets are unbounded
+                self._pool_cache[key] = pool
+        return pool
+
+    def request_drop(self, route) -> frozenset[bytes]:
+        drop = self._req_drop.get(route)
+        if drop is None:
+            drop = self._req_drop[route] = HOP_BY_HOP | route.request_remove
+        return drop
+
+    def response_drop(self, route) -> frozenset[bytes]:
+        drop = self._resp_drop.get(route)
+        if drop is None:
+            drop = self._resp_drop[route] = HOP_BY_HOP | route.response_remove
+        return drop
+
+    def connect_seconds(self, cluster: str):
+        child = self._connect_seconds.get(cluster)
+        if child is None:
+            child = self._connect_seconds[cluster] = self._metrics.upstream_connect_seconds.labels(cluster=cluster)
+        return child
+
+    def connect_failures(self, cluster: str, reason: str) -> None:
+        key = (cluster, reason)
+        child = self._failures.get(key)
+        if child is None:
+            child = self._failures[key] = self._metrics.upstream_connect_failures.labels(cluster=cluster,
+                                                                                          reason=reason)
+        child.inc()
