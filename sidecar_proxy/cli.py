@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument("--drain-time-s", type=float, default=20.0, metavar="N",
                      help="on SIGTERM or /quitquitquit, how long in-flight connections may finish (default 20)")
+    run.add_argument("--http1-codec", choices=("auto", "h11", "httptools"), default=None,
+                     help="HTTP/1.1 parser of every auto/http listener, overriding their http.codec in this "
+                          "and every reloaded config (auto: httptools when installed, else h11)")
 
     validate = sub.add_parser("validate", help="check a config and print every error with its path")
     validate.add_argument("--config", type=Path, required=True)
@@ -94,12 +97,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.drain_time_s < 0:
         print("--drain-time-s must not be negative", file=sys.stderr)
         return 2
+    if args.http1_codec is not None:
+        from .protocols.http1 import resolve_codec
+        try:
+            resolve_codec(args.http1_codec)
+        except ValueError as exc:
+            print(f"--http1-codec: {exc}", file=sys.stderr)
+            return 2
     config = _load_or_report(args.config)
     if config is None:
         return 1
 
     async def main() -> int:
         app = App(config_path=args.config, drain_time=args.drain_time_s)
+        # The listener manager outlives snapshots, so the override holds for
+        # every config (file, SIGHUP, POST /config, control server); the
+        # configs themselves, and /config_dump, keep what the user wrote.
+        app.listeners.codec_override = args.http1_codec
         return await app.run(config, AdminServer(build_routes(app)))
 
     return uvloop.run(main())
