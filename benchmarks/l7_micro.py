@@ -87,7 +87,7 @@ async def main(args) -> None:
     listener = config.listeners["web"]
     pools = PoolManager(loop)
     rt = ListenerRuntime(listener, config, ListenerState("web"), loop, frozenset({15080}), 1, Metrics(),
-                         Throttle(1.0), pools, args.codec)
+                         Throttle(1.0), pools, None, args.codec)
     session = Session(FakeRelay(FakeTransport()), rt.http)
     pool = rt.http.pool_for(config.clusters["backend"], ("127.0.0.1", 8080))
     conn = UpstreamConn(pool)

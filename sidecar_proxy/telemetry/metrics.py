@@ -51,7 +51,13 @@ class _TcpCollector:
                                    "HTTP requests answered, by status class and response flag "
                                    "('-': none; DPE, DRT, NR, UF, UT, UC, UPE, DC, DR, LOOP: see README).",
                                    labels=["listener", "code_class", "flags"])
+        resends = CounterMetricFamily("sidecar_http_upstream_resends",
+                                      "Safe bodiless requests sent again on a fresh connection because the "
+                                      "reused keep-alive connection they went out on closed unanswered.",
+                                      labels=["listener"])
         for state in self._states():
+            if state.http_requests or state.http_resends:
+                resends.add_metric([state.name], state.http_resends)
             for (code, flag), count in state.http_requests.items():
                 http.add_metric([state.name, f"{code}xx" if code else "none", flag], count)
             name = [state.name]
@@ -67,7 +73,7 @@ class _TcpCollector:
             rx.add_metric(name, state.closed_rx + sum(c.down.nbytes for c in conns))
             tx.add_metric(name, state.closed_tx + sum(c.up.nbytes for c in conns if c.up is not None))
             buffered.add_metric(name, sum(c.buffered() for c in conns))
-        return [opened, closed, active, refused, rx, tx, buffered, detections, http]
+        return [opened, closed, active, refused, rx, tx, buffered, detections, http, resends]
 
 
 class Metrics:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 from ..config.model import PASSTHROUGH, Cluster, Config, Listener
 from ..config.snapshot import Snapshot, UpdateRejected
 from ..protocols.http1.runtime import HttpRuntime
+from ..protocols.http1.session import RequestIds
 from ..routing.table import RouteTable
 from ..upstream.balancer import make_picker
 from ..upstream.pool import PoolManager
@@ -41,7 +42,7 @@ class ListenerState:
     """
 
     __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused", "detections",
-                 "http_requests")
+                 "http_requests", "http_resends")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -53,6 +54,7 @@ class ListenerState:
         self.refused: dict[str, int] = {}
         self.detections: dict[str, int] = {}  # "auto" listeners: tls/http2/http1/opaque/timeout/opaque_port
         self.http_requests: dict[tuple[int, str], int] = {}  # (status // 100, response flag or "-")
+        self.http_resends = 0  # requests sent again after a reused upstream connection closed under them
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -74,7 +76,7 @@ class ListenerRuntime:
     def __init__(self, listener: Listener, config: Config, state: ListenerState,
                  loop: asyncio.AbstractEventLoop, own_ports: frozenset[int], snapshot_version: int,
                  metrics: Metrics, log_throttle: Throttle, pools: PoolManager,
-                 codec_override: str | None = None) -> None:
+                 request_ids: RequestIds | None = None, codec_override: str | None = None) -> None:
         self.listener = listener
         self.state = state
         self.loop = loop
@@ -87,7 +89,7 @@ class ListenerRuntime:
         self.http = None
         if listener.protocol in ("http", "auto"):
             self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, metrics, log_throttle,
-                                    codec_override)
+                                    request_ids or RequestIds(), codec_override)
             table = self.http.table
             self.clusters = self.http.clusters
             self.pickers = self.http.pickers
@@ -189,6 +191,7 @@ class ListenerManager:
         self.metrics = metrics
         self.codec_override = codec_override  # `run --http1-codec`: every listener's http.codec
         self.pools = PoolManager(loop)
+        self.request_ids = RequestIds()  # one x-request-id sequence per process, across snapshots
         self.states: dict[str, ListenerState] = {}
         self._bound: dict[str, _Bound] = {}
         self._runtimes: dict[str, ListenerRuntime] = {}
@@ -208,7 +211,8 @@ class ListenerManager:
             state = self.states.get(name) or ListenerState(name)
             try:
                 runtimes[name] = ListenerRuntime(listener, config, state, self.loop, own_ports, new.version,
-                                                 self.metrics, self.log_throttle, self.pools, self.codec_override)
+                                                 self.metrics, self.log_throttle, self.pools, self.request_ids,
+                                                 self.codec_override)
             except ValueError as exc:  # an http1 codec that is not installed
                 raise UpdateRejected([(f"listeners.{name}.http.codec", str(exc))]) from None
         to_bind = [l for n, l in config.listeners.items()

@@ -15,7 +15,7 @@ from ...routing.table import RouteTable
 from ...upstream.balancer import make_picker
 from ...upstream.pool import Pool, PoolManager
 from . import resolve_codec
-from .session import HOP_BY_HOP
+from .session import HOP_BY_HOP, RequestIds
 
 if TYPE_CHECKING:
     from ...telemetry.metrics import Metrics
@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
-                 "add_request_id", "log_throttle", "_metrics", "_connect_seconds", "_failures", "_pool_cache",
+                 "add_request_id", "request_ids", "log_throttle", "_metrics", "_connect_seconds", "_failures", "_pool_cache",
                  "_req_drop", "_resp_drop")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, metrics: Metrics, log_throttle: Throttle,
-                 codec_override: str | None = None) -> None:
+                 request_ids: RequestIds, codec_override: str | None = None) -> None:
         opts = listener.http
         self.name = listener.name
         self.loop = loop
@@ -50,6 +50,7 @@ class HttpRuntime:
         self.add_xff = opts.x_forwarded_for
         self.add_xfp = opts.x_forwarded_proto
         self.add_request_id = opts.request_id
+        self.request_ids = request_ids
         self.log_throttle = log_throttle
         self._metrics = metrics
         self._connect_seconds: dict[str, object] = {}

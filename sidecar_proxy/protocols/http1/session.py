@@ -60,6 +60,9 @@ _CLOSE_FIELD = (b"connection", b"close")
 _KEEP_ALIVE_FIELD = (b"connection", b"keep-alive")
 _UPGRADE_FIELD = (b"connection", b"upgrade")
 _XFP_HTTP = (b"x-forwarded-proto", b"http")
+# RFC 9110 9.2.1: a bodiless request with one of these may be sent again.
+_SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+
 # Connection values that name no other field (the common case: no set to build).
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"))
 
@@ -85,11 +88,24 @@ _STATUS_REASONS = {400: "bad request", 404: "no route", 408: "request header tim
 _REFUSED = Request(b"-", b"-", b"-", None, [], keep_alive=False)
 
 
-def request_id() -> bytes:
-    """A random (version 4) UUID; random.getrandbits is ~10x cheaper than uuid.uuid4 and ids need no secrecy."""
-    v = random.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
-    h = "%032x" % v
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+class RequestIds:
+    """x-request-id values: UUID-shaped (version 4 layout), unique, cheap.
+
+    A random 20-hex-digit prefix per process and a 48-bit counter: unique
+    within the process by the counter and across processes by 76 random
+    bits. Ids are not secrets, so this is ~10x cheaper than uuid4().
+    """
+
+    __slots__ = ("prefix", "counter")
+
+    def __init__(self) -> None:
+        h = "%020x" % random.SystemRandom().getrandbits(80)
+        self.prefix = f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{'89ab'[int(h[15], 16) & 3]}{h[16:19]}-".encode()
+        self.counter = random.getrandbits(40)
+
+    def next(self) -> bytes:
+        self.counter = c = (self.counter + 1) & 0xFFFFFFFFFFFF
+        return b"%s%012x" % (self.prefix, c)
 
 
 class Exchange:
@@ -97,8 +113,9 @@ class Exchange:
 
     __slots__ = ("session", "req", "route", "cluster", "pool", "conn", "rparser", "pending", "req_ended",
                  "trailers", "head_sent", "req_sent", "resp_started", "resp_done", "out", "reuse",
-                 "close_after", "timer", "upgrade_rest", "status", "flag", "upstream_addr", "began",
-                 "connect_task", "finished", "upstream_paused", "held")
+                 "close_after", "deadline", "upgrade_rest", "status", "flag", "upstream_addr", "began",
+                 "connect_task", "finished", "upstream_paused", "held", "cluster_config", "reused",
+                 "answered", "resent", "head_bytes")
 
     def __init__(self, session: Session, req: Request) -> None:
         self.session = session
@@ -118,7 +135,7 @@ class Exchange:
         self.out = _OUT_NONE
         self.reuse = False                        # the upstream connection may be pooled after this
         self.close_after = False                  # the downstream connection closes after this response
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0                       # loop time the response head is due by; 0: not waiting
         self.upgrade_rest: bytes | None = None
         self.status = 0
         self.flag = "-"
@@ -128,6 +145,11 @@ class Exchange:
         self.finished = False
         self.upstream_paused = False
         self.held: list[bytes] | None = None      # upstream writes of the read being parsed
+        self.cluster_config = None
+        self.reused = False                       # sent on a pooled connection
+        self.answered = False                     # a byte came back from the upstream
+        self.resent = False                       # sent again after a reused connection closed (_resend)
+        self.head_bytes: bytes | None = None      # the serialized head, kept for a resend
 
     # --- request side (called by the session as the parser delivers)
 
@@ -180,7 +202,9 @@ class Exchange:
         self.req_sent = True
         timeout = self.route.timeout if self.route is not None else self.session.rt.default_timeout
         if timeout and not self.resp_started:
-            self.timer = self.session.loop.call_later(timeout, self._timed_out)
+            session = self.session
+            self.deadline = deadline = session.loop.time() + timeout
+            session.watch_deadline(deadline)
 
     # --- routing and the upstream connection
 
@@ -206,6 +230,7 @@ class Exchange:
                 return
             cluster = rt.clusters[route.pick_cluster()]
         self.cluster = cluster.name
+        self.cluster_config = cluster
         if cluster.original_destination:
             target = session.relay.orig_dst
             if target is None:
@@ -220,6 +245,7 @@ class Exchange:
         pool = self.pool = rt.pool_for(cluster, target)
         conn = pool.take()
         if conn is not None:
+            self.reused = True
             self.attach(conn)
         else:
             session.block(_BLOCK_WAITING)
@@ -271,7 +297,9 @@ class Exchange:
         req = self.req
         parser.expect(req.method)
         try:
-            head = request_head(req.method, req.target, session.upstream_headers(self))
+            head = self.head_bytes
+            if head is None:
+                head = self.head_bytes = request_head(req.method, req.target, session.upstream_headers(self))
         except InvalidHeader as exc:
             # A configured value or a codec gap let through a field we will not write.
             self.pool.give_back(conn)
@@ -304,6 +332,7 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         session = self.session
         session.relay.http_tx += len(data)
+        self.answered = True
         # What one read produces downstream (head, body, last chunk) goes out in one write.
         session.cork = corked = []
         try:
@@ -349,10 +378,36 @@ class Exchange:
         # of the body is read and dropped, then the next request follows.
 
     def upstream_lost(self, exc: BaseException | None) -> None:
-        self.conn = None
-        if not self.resp_done:
-            self.upstream_failed(502, FLAG_UPSTREAM_TERMINATED,
-                                 f"upstream connection lost: {exc}" if exc else "upstream connection closed")
+        if self.resp_done:
+            self._release(False)
+            return
+        self.upstream_failed(502, FLAG_UPSTREAM_TERMINATED,
+                             f"upstream connection lost: {exc}" if exc else "upstream connection closed")
+
+    def _resendable(self) -> bool:
+        """A reused connection closed under a request it never answered (RFC 9112 9.3.1).
+
+        The upstream closed an idle keep-alive connection just as the
+        request went out on it: the request was written but, with no byte
+        of answer, certainly not processed if the server closed before
+        reading it, and safe to repeat anyway when its method is safe and
+        it has no body. Sent once more on a fresh connection, never twice.
+        """
+        return (self.reused and not self.answered and not self.resent and self.req_ended
+                and self.req.framing == BODY_NONE and self.req.method in _SAFE_METHODS and not self.finished)
+
+    def _resend(self) -> None:
+        self._release(False)
+        self.resent = True
+        self.reused = False
+        self.head_sent = self.req_sent = False
+        self.deadline = 0.0
+        self.rparser = None
+        session = self.session
+        session.rt.state.http_resends += 1
+        session.block(_BLOCK_WAITING)
+        self.connect_task = session.loop.create_task(self._connect(self.pool, self.cluster_config,
+                                                                   self.upstream_addr))
 
     def upstream_pause_writing(self) -> None:
         self.session.block(_BLOCK_UPSTREAM_FULL)
@@ -361,6 +416,9 @@ class Exchange:
         self.session.unblock(_BLOCK_UPSTREAM_FULL)
 
     def upstream_failed(self, status: int, flag: str, detail: str) -> None:
+        if flag == FLAG_UPSTREAM_TERMINATED and self._resendable():
+            self._resend()
+            return
         self._release(False)
         if self.finished:
             return
@@ -378,7 +436,7 @@ class Exchange:
             self.local(status, flag, detail)
 
     def _timed_out(self) -> None:
-        self.timer = None
+        self.deadline = 0.0
         if not self.resp_started and not self.finished:
             self.upstream_failed(504, FLAG_UPSTREAM_TIMEOUT, "no response head within the route timeout")
 
@@ -396,9 +454,7 @@ class Exchange:
             if req.version == b"1.1":
                 session.write(response_head(status, resp.reason, self._response_fields(resp)))
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         framing = resp.framing
         if framing == BODY_TUNNEL:
             self._respond_head(resp, _OUT_NONE)
@@ -490,15 +546,15 @@ class Exchange:
         self.flag = flag
         self.status = status
         self.session.log_local(self, status, flag, detail)
+        # A request whose body is still arriving closes the connection
+        # rather than having the proxy read an unbounded body to throw away.
         self._local_write(status, _STATUS_REASONS.get(status, "error").encode() + b"\n", b"text/plain", (),
-                          close=not self.req_ended)
+                          close=not self.req_ended and self.req.framing != BODY_NONE)
 
     def _local_write(self, status: int, body: bytes, content_type, extra, close: bool) -> None:
         session = self.session
         req = self.req
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         close = close or not req.keep_alive or session.draining
         self.close_after = close
         headers = list(extra)
@@ -524,9 +580,7 @@ class Exchange:
             self.flag = FLAG_DOWNSTREAM_CLOSED
 
     def drop_upstream(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -541,7 +595,7 @@ class Session(asyncio.Protocol):
 
     __slots__ = ("relay", "rt", "loop", "transport", "parser", "current", "active", "queue", "blocks",
                  "closing", "done", "lost", "eof_seen", "peer_ip", "head_timer", "held_rest", "requests",
-                 "in_head", "refusal", "linger", "write_paused", "last_seen", "cork", "feeding", "holding",
+                 "in_head", "refusal", "linger", "timer", "write_paused", "last_seen", "cork", "feeding", "holding",
                  "draining")
 
     def __init__(self, relay: Relay, rt: HttpRuntime) -> None:
@@ -560,6 +614,7 @@ class Session(asyncio.Protocol):
         self.eof_seen = False
         self.refusal: tuple | None = None      # a refusal waiting for earlier pipelined answers
         self.linger: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the response-head deadline check (watch_deadline)
         self.write_paused = False              # the downstream write buffer is over its high mark
         self.last_seen = False                 # a request without keep-alive arrived: it is the last
         self.cork: list | None = None          # downstream writes held until a read is parsed
@@ -593,8 +648,12 @@ class Session(asyncio.Protocol):
             rest = self.parser.feed(data)
         except HttpError as exc:
             self.feeding = False
+            broken = self.current
             for ex in self.holding:
-                ex.held = None  # nothing of this read goes upstream
+                if ex is broken:
+                    ex.held = None  # nothing of the refused request in this read goes upstream
+                else:
+                    ex.flush_held()  # earlier requests of the read were whole and valid
             self.holding.clear()
             self._refuse(exc.status, exc.flag, exc.detail)
             return
@@ -637,10 +696,10 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
-        for timer in (self.head_timer, self.linger):
+        for timer in (self.head_timer, self.linger, self.timer):
             if timer is not None:
                 timer.cancel()
-        self.head_timer = self.linger = None
+        self.head_timer = self.linger = self.timer = None
         for ex in ([self.active] if self.active else []) + list(self.queue):
             ex.abort()
             if ex.flag == FLAG_DOWNSTREAM_CLOSED:
@@ -648,6 +707,30 @@ class Session(asyncio.Protocol):
         self.active = None
         self.queue.clear()
         self.relay.http_lost(exc)
+
+    def watch_deadline(self, deadline: float) -> None:
+        """One timer per connection, re-armed lazily: a request costs a clock read, not a timer.
+
+        Only the active exchange waits for a response head, so the timer
+        checks that one when it fires and re-arms for its deadline if that
+        moved on (a later request on a keep-alive connection).
+        """
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        ex = self.active
+        if ex is None or not ex.deadline:
+            return
+        if self.loop.time() >= ex.deadline:
+            ex._timed_out()
+        else:
+            self.timer = self.loop.call_at(ex.deadline, self._check_deadline)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -758,7 +841,7 @@ class Session(asyncio.Protocol):
         if rt.add_xfp and not xfp:
             fields.append(_XFP_HTTP)
         if rt.add_request_id and not rid:
-            fields.append((b"x-request-id", request_id()))
+            fields.append((b"x-request-id", rt.request_ids.next()))
         if route is not None:
             if route.request_set:
                 fields.extend(route.request_set)
@@ -772,9 +855,7 @@ class Session(asyncio.Protocol):
         if ex.finished:
             return
         ex.finished = True
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        ex.deadline = 0.0
         self._count(ex)
         if ex is not self.active:
             return
@@ -812,9 +893,7 @@ class Session(asyncio.Protocol):
         """101 or a 2xx to CONNECT: both connections become a byte relay."""
         conn = ex.conn
         ex.conn = None
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        ex.deadline = 0.0
         ex.resp_done = True
         ex.finished = True
         self._count(ex)
