@@ -60,6 +60,9 @@ _CLOSE_FIELD = (b"connection", b"close")
 _KEEP_ALIVE_FIELD = (b"connection", b"keep-alive")
 _UPGRADE_FIELD = (b"connection", b"upgrade")
 _XFP_HTTP = (b"x-forwarded-proto", b"http")
+# Request fields the proxy edits or leaves alone instead of adding its own.
+_PROXY_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
+
 # RFC 9110 9.2.1: a bodiless request with one of these may be sent again.
 _SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
@@ -498,22 +501,15 @@ class Exchange:
     def _response_fields(self, resp: Response, keep_upgrade: bool = False) -> list:
         route = self.route
         drop = self.session.rt.response_drop(route)
-        fields = []
         connection = resp.header(b"connection") if not keep_upgrade else None
         if connection is not None and connection not in _PLAIN_CONNECTION:
-            named = {t.strip().lower() for t in connection.split(b",")}
-            for name, value in resp.headers:
-                if name not in drop and name not in named:
-                    fields.append((name, value))
-        else:
-            for name, value in resp.headers:
-                if name not in drop:
-                    fields.append((name, value))
-            if keep_upgrade:
-                fields.append(_UPGRADE_FIELD)
-                upgrade = resp.header(b"upgrade")
-                if upgrade is not None:
-                    fields.append((b"upgrade", upgrade))
+            drop = drop | {t.strip().lower() for t in connection.split(b",")}
+        fields = [field for field in resp.headers if field[0] not in drop]
+        if keep_upgrade:
+            fields.append(_UPGRADE_FIELD)
+            upgrade = resp.header(b"upgrade")
+            if upgrade is not None:
+                fields.append((b"upgrade", upgrade))
         if route is not None:
             if route.response_set:
                 fields.extend(route.response_set)
@@ -811,26 +807,25 @@ class Session(asyncio.Protocol):
         route = ex.route
         drop = rt.request_drop(route)
         connection = req.header(b"connection")
-        named = {t.strip().lower() for t in connection.split(b",")} \
-            if connection is not None and connection not in _PLAIN_CONNECTION else ()
+        if connection is not None and connection not in _PLAIN_CONNECTION:
+            drop = drop | {t.strip().lower() for t in connection.split(b",")}
+        fields = [field for field in req.headers if field[0] not in drop]
         xff = xfp = rid = False
         host_rewrite = route.host_rewrite if route is not None else None
-        fields = []
-        for name, value in req.headers:
-            if name in drop or name in named:
-                continue
-            if name == b"x-forwarded-for":
-                if rt.add_xff:
-                    value = value + b", " + self.peer_ip
-                xff = True
-            elif name == b"host":
-                if host_rewrite is not None:
-                    value = host_rewrite
-            elif name == b"x-forwarded-proto":
-                xfp = True
-            elif name == b"x-request-id":
-                rid = True
-            fields.append((name, value))
+        if host_rewrite is not None or not _PROXY_FIELDS.isdisjoint([field[0] for field in fields]):
+            # The rare path: fields the proxy edits are present.
+            for i, (name, value) in enumerate(fields):
+                if name == b"x-forwarded-for":
+                    if rt.add_xff:
+                        fields[i] = (name, value + b", " + self.peer_ip)
+                    xff = True
+                elif name == b"host":
+                    if host_rewrite is not None:
+                        fields[i] = (name, host_rewrite)
+                elif name == b"x-forwarded-proto":
+                    xfp = True
+                elif name == b"x-request-id":
+                    rid = True
         if req.upgrade is not None:
             fields.append(_UPGRADE_FIELD)
             fields.append((b"upgrade", req.upgrade))
