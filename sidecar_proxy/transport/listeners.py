@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 from ..config.model import PASSTHROUGH, Cluster, Config, Listener
 from ..config.snapshot import Snapshot, UpdateRejected
 from ..protocols.http1.runtime import HttpRuntime
-from ..protocols.http1.session import RequestIds
+from ..protocols.http1.exchange import RequestIds
 from ..routing.table import RouteTable
 from ..upstream.balancer import make_picker
 from ..upstream.pool import PoolManager

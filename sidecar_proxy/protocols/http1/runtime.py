@@ -15,7 +15,7 @@ from ...routing.table import RouteTable
 from ...upstream.balancer import make_picker
 from ...upstream.pool import Pool, PoolManager
 from . import resolve_codec
-from .session import HOP_BY_HOP, RequestIds
+from .exchange import HOP_BY_HOP, RequestIds
 
 if TYPE_CHECKING:
     from ...telemetry.metrics import Metrics
