@@ -60,7 +60,9 @@ async def _show_traffic() -> None:
         print(f"  GET http://127.0.0.1:15080/demo/{i} -> {status!r} body={body!r}")
     try:
         refused = await _http_get(("127.0.0.1", 15001), "/")
-        print(f"  straight to the transparent listener :15001 -> {len(refused)} bytes")
+        status = refused.split(b"\r\n", 1)[0].decode(errors="replace")
+        print(f"  straight to the transparent listener :15001 -> {status!r}: not redirected by iptables, "
+              "so its original destination is the proxy itself (flag LOOP)")
     except (ConnectionError, OSError, RuntimeError, asyncio.TimeoutError) as exc:
         # RuntimeError: uvloop's answer to a write on a transport already reset.
         print(f"  straight to the transparent listener :15001 -> refused ({type(exc).__name__}): "
@@ -69,7 +71,7 @@ async def _show_traffic() -> None:
     print("  the proxy's metrics (GET http://127.0.0.1:15000/metrics):")
     for line in metrics.splitlines():
         if line.startswith(("sidecar_tcp_connections_opened", "sidecar_tcp_connections_refused",
-                            "sidecar_tcp_received_bytes", "sidecar_tcp_sent_bytes")):
+                            "sidecar_http_requests_total", "sidecar_protocol_detections_total")):
             print(f"    {line}")
     dump = json.loads((await _http_get(_ADMIN, "/config_dump")).partition(b"\r\n\r\n")[2])
     print(f"  live config: version {dump['live']['version']} from {dump['live']['source']}, "
