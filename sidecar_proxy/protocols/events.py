@@ -24,6 +24,14 @@ BODY_UNTIL_CLOSE = 3 # responses only: the body ends when the connection does
 BODY_TUNNEL = 4      # after this head the connection carries opaque bytes (CONNECT 2xx, 101)
 
 
+def _first_value(self, name: bytes) -> bytes | None:
+    """The first value of a field (``name`` lower-case), or None."""
+    for key, value in self.headers:
+        if key == name:
+            return value
+    return None
+
+
 class Request:
     """A request head.
 
@@ -52,12 +60,7 @@ class Request:
         self.upgrade = upgrade          # the Upgrade field's value when the client asks to switch protocols
         self.expect_continue = expect_continue
 
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of a field (``name`` lower-case)."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+    header = _first_value
 
     def __repr__(self) -> str:
         return f"Request({self.method!r} {self.target!r} authority={self.authority!r})"
@@ -78,11 +81,7 @@ class Response:
         self.framing = framing          # any BODY_* (UNTIL_CLOSE and TUNNEL included)
         self.length = length
 
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+    header = _first_value
 
     def __repr__(self) -> str:
         return f"Response({self.status})"

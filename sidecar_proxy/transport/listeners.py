@@ -88,8 +88,9 @@ class ListenerRuntime:
         self._connect_seconds: dict[str, object] = {}
         self.http = None
         if listener.protocol in ("http", "auto"):
-            self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, metrics, log_throttle,
-                                    request_ids or RequestIds(), codec_override)
+            self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, log_throttle,
+                                    request_ids or RequestIds(), self.connect_seconds, self.connect_failures,
+                                    codec_override)
             table = self.http.table
             self.clusters = self.http.clusters
             self.pickers = self.http.pickers

@@ -18,19 +18,19 @@ from . import resolve_codec
 from .exchange import HOP_BY_HOP, RequestIds
 
 if TYPE_CHECKING:
-    from ...telemetry.metrics import Metrics
     from ...transport.listeners import ListenerState
 
 
 class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
-                 "add_request_id", "request_ids", "log_throttle", "_metrics", "_connect_seconds", "_failures", "_pool_cache",
+                 "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
                  "_req_drop", "_resp_drop")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
-                 own_ports: frozenset[int], pools: PoolManager, metrics: Metrics, log_throttle: Throttle,
-                 request_ids: RequestIds, codec_override: str | None = None) -> None:
+                 own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
+                 connect_seconds: Callable[[str], object], connect_failures: Callable[[str, str], None],
+                 codec_override: str | None = None) -> None:
         opts = listener.http
         self.name = listener.name
         self.loop = loop
@@ -52,9 +52,9 @@ class HttpRuntime:
         self.add_request_id = opts.request_id
         self.request_ids = request_ids
         self.log_throttle = log_throttle
-        self._metrics = metrics
-        self._connect_seconds: dict[str, object] = {}
-        self._failures: dict[tuple[str, str], object] = {}
+        # The listener runtime's metric children, shared with its TCP relay.
+        self.connect_seconds = connect_seconds
+        self.connect_failures = connect_failures
         self._pool_cache: dict[tuple, Pool] = {}
         self._req_drop: dict = {None: HOP_BY_HOP}
         self._resp_drop: dict = {None: HOP_BY_HOP}
@@ -80,17 +80,3 @@ class HttpRuntime:
         if drop is None:
             drop = self._resp_drop[route] = HOP_BY_HOP | route.response_remove
         return drop
-
-    def connect_seconds(self, cluster: str):
-        child = self._connect_seconds.get(cluster)
-        if child is None:
-            child = self._connect_seconds[cluster] = self._metrics.upstream_connect_seconds.labels(cluster=cluster)
-        return child
-
-    def connect_failures(self, cluster: str, reason: str) -> None:
-        key = (cluster, reason)
-        child = self._failures.get(key)
-        if child is None:
-            child = self._failures[key] = self._metrics.upstream_connect_failures.labels(cluster=cluster,
-                                                                                          reason=reason)
-        child.inc()
