@@ -172,7 +172,7 @@ class Match:
     host: tuple[str, ...] = ()
     path: str | None = None
     path_prefix: str | None = None
-    path_regex: str | None = None   # re, anchored at the start of the path (add $ to anchor the end)
+    path_regex: str | None = None   # re, must match the whole path (fullmatch, like Envoy)
     method: tuple[str, ...] = ()    # case-sensitive, as HTTP methods are
     headers: tuple[HeaderMatch, ...] = ()
 

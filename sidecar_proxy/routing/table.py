@@ -14,13 +14,13 @@ Semantics (the config reference in config/example-full.yaml says the same):
   name ending in ``.suffix`` (not ``suffix`` itself). Case-insensitive. A
   request without an authority matches no host pattern.
 * path / path_prefix / path_regex look at the path as sent (no query, not
-  percent-decoded or normalised). path_regex is anchored at the start (re
-  ``match``); add ``$`` to anchor the end.
+  percent-decoded or normalised). path_regex must match the whole path
+  (re ``fullmatch``, as Envoy's safe_regex does): ``/v[0-9]+/.*``, not ``/v[0-9]+/``.
 * method: case-sensitive, as HTTP methods are.
 * headers: a check holds when ANY field of that name (repeated fields
   included) matches; ``invert`` makes it hold when none does (for
-  ``present``: when the field is absent). header regexes are anchored at the
-  start of the value too.
+  ``present``: when the field is absent). A header regex must match the
+  whole value too.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def _header_check(h: model.HeaderMatch) -> Check:
                     return hit
             return miss
     else:
-        rx_match = re.compile(value).match
+        rx_match = re.compile(value).fullmatch
 
         def check(req: Request, host, authority) -> bool:
             for k, v in req.headers:
@@ -231,7 +231,7 @@ def compile_checks(m: model.Match) -> tuple[Check, ...]:
         prefix = _b(m.path_prefix)
         checks.append(lambda req, host, authority: req.path.startswith(prefix))
     elif m.path_regex is not None:
-        rx_match = re.compile(_b(m.path_regex)).match
+        rx_match = re.compile(_b(m.path_regex)).fullmatch
         checks.append(lambda req, host, authority: rx_match(req.path) is not None)
     if m.method:
         methods = frozenset(_b(x) for x in m.method)
