@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import resource
@@ -41,6 +42,13 @@ def check_environment() -> None:
     if missing:
         raise BenchmarkError(f"missing tools: {', '.join(missing)} "
                              f"(apt-get install wrk nginx-light util-linux)")
+    # The proxy runs on this interpreter (sys.executable), so it sees the same packages.
+    codecs = {target.listener["http"]["codec"] for target in TARGETS
+              if target.listener and "http" in target.listener}
+    missing = sorted(codec for codec in codecs if importlib.util.find_spec(codec) is None)
+    if missing:
+        raise BenchmarkError(f"missing HTTP/1 codec package(s): {', '.join(missing)} "
+                             f"(pip install -e . installs them)")
     cores = os.sched_getaffinity(0)
     if not {int(PROXY_CORE), int(LOAD_CORE)} <= cores:
         raise BenchmarkError(f"needs cores {PROXY_CORE} and {LOAD_CORE}; "
@@ -109,6 +117,8 @@ def machine_info(proxy_dir: Path) -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "uvloop": package_version("uvloop"),
+        "httptools": package_version("httptools"),
+        "h11": package_version("h11"),
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]),
         "proxy_commit": git_revision(proxy_dir),

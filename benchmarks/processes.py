@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from procfs import BenchmarkError
-from settings import ADMIN_PORT, BACKEND_PORT, HOST, LOAD_CORE, PROXY_CORE, TARGETS
+from settings import (ADMIN_PORT, BACKEND_PORT, HOST, IDLE_TARGET, LOAD_CORE, PROXY_CORE,
+                      ROUTE_TABLES, TARGETS)
 
 NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.tmpl"
 
@@ -138,9 +139,14 @@ def start_nginx(processes: Processes, workdir: Path, fd_limit: int) -> subproces
     return proc
 
 
-def proxy_config() -> dict:
+def proxy_config(names: list[str]) -> dict:
+    """Listeners for the proxied targets in `names` (and IDLE_TARGET, which the
+    idle-connection test always uses), so that a checkout without the L7 path
+    can still be measured with `--targets direct,proxy_l4`."""
     listeners = {target.name: {"address": HOST, "port": target.port, **target.listener}
-                 for target in TARGETS if target.via_proxy}
+                 for target in TARGETS
+                 if target.via_proxy and (target.name in names or target.name == IDLE_TARGET)}
+    tables = {listener["routes"] for listener in listeners.values()}
     return {
         "version": 1,
         "node": {"id": "bench"},
@@ -148,13 +154,13 @@ def proxy_config() -> dict:
         "listeners": listeners,
         "clusters": {"backend": {"endpoints": [f"{HOST}:{BACKEND_PORT}"],
                                  "connect_timeout": "1s"}},
-        "route_tables": {"main": [{"match": {}, "cluster": "backend"}]},
+        "route_tables": {name: routes for name, routes in ROUTE_TABLES.items() if name in tables},
     }
 
 
-def start_proxy(processes: Processes, workdir: Path, proxy_dir: Path) -> Proxy:
+def start_proxy(processes: Processes, workdir: Path, proxy_dir: Path, targets: list[str]) -> Proxy:
     config = workdir / "proxy.yaml"
-    config.write_text(yaml.safe_dump(proxy_config(), sort_keys=False))
+    config.write_text(yaml.safe_dump(proxy_config(targets), sort_keys=False))
     log = workdir / "proxy.log"
     cmd = [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(config),
            "--log-level", "warning", "--drain-time-s", str(DRAIN_TIME_S)]

@@ -33,6 +33,19 @@ def scenario_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(rows: list[dict]) -> str:
+    """Proxy CPU µs per request, one column per proxied target: L4 against L7 at a glance."""
+    targets = list(dict.fromkeys(row["target"] for row in rows if row["via_proxy"]))
+    scenarios = list(dict.fromkeys(row["scenario"] for row in rows))
+    cost = {(row["scenario"], row["target"]): row["proxy_cpu_us_per_req"] for row in rows}
+    lines = ["| proxy CPU µs/req | " + " | ".join(targets) + " |",
+             "|---|" + "--:|" * len(targets)]
+    for scenario in scenarios:
+        lines.append(f"| {scenario} | "
+                     + " | ".join(fmt(cost.get((scenario, target)), 1) for target in targets) + " |")
+    return "\n".join(lines)
+
+
 def memory_table(idle_rss: float, idle: dict, settings: dict) -> str:
     n = f"{idle['requested']:,}"
     wanted = settings["idle_connections_wanted"]
@@ -58,9 +71,12 @@ def print_report(results: dict) -> None:
     settings = results["settings"]
     print(f"\n## sidecar_proxy benchmark ({machine['date']})\n")
     print(f"{machine['cpu_model']}, {machine['nproc']} cores; Python {machine['python']}, "
-          f"uvloop {machine['uvloop']}; {machine['nginx']}; {machine['wrk']}; "
+          f"uvloop {machine['uvloop']}, httptools {machine.get('httptools')}, "
+          f"h11 {machine.get('h11')}; {machine['nginx']}; {machine['wrk']}; "
           f"proxy {machine['proxy_commit']}; {settings['duration_s']} s per run\n")
     print(scenario_table(results["scenarios"]) + "\n")
+    if any(row["via_proxy"] for row in results["scenarios"]):
+        print(cost_table(results["scenarios"]) + "\n")
     print(memory_table(results["idle_rss_mib"], results["idle_connections"], settings) + "\n")
     warnings = findings(results)
     if warnings:

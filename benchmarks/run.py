@@ -259,18 +259,20 @@ def measure_idle_connections(processes: Processes, proxy: Proxy) -> dict:
 
 def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
     nginx = start_nginx(processes, workdir, args.fd_limit)
-    proxy = start_proxy(processes, workdir, args.proxy_dir)
+    proxy = start_proxy(processes, workdir, args.proxy_dir, args.targets)
     # Before any traffic, so that it is the footprint of the proxy alone.
     idle_rss = rss_mib(proxy.pid)
     idle = measure_idle_connections(processes, proxy)
+    targets = [target for target in TARGETS if target.name in args.targets]
     rows = [measure(processes, proxy, nginx, scenario, target, args.duration, args.warmup)
-            for scenario in SCENARIOS for target in TARGETS]
+            for scenario in SCENARIOS for target in targets]
     add_ratios(rows)
     exit_code = processes.stop(proxy.proc)
     log_lines = proxy.log.read_text(errors="replace").splitlines()
     return {
         "machine": machine_info(args.proxy_dir),
         "settings": {"quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
+                     "targets": [target.name for target in targets],
                      "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
                      "fd_limit": args.fd_limit, "idle_connections_wanted": IDLE_CONNECTIONS,
                      "active_metric": ACTIVE_METRIC, "other_load_limit": OTHER_LOAD_LIMIT,
@@ -291,6 +293,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write all figures to OUT")
     parser.add_argument("--proxy-dir", type=Path, default=REPO_DIR,
                         help="checkout whose sidecar_proxy is measured (default: this one)")
+    parser.add_argument("--targets", metavar="NAME,...",
+                        help="measure only these targets (default: all of "
+                             f"{', '.join(target.name for target in TARGETS)})")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="work in DIR (created, must not exist) and keep the configs and "
                              "the proxy's and nginx's logs there")
@@ -301,6 +306,13 @@ def parse_args() -> argparse.Namespace:
         parser.error("--duration must be at least 1")
     args.warmup = 1 if args.quick else 2
     args.proxy_dir = args.proxy_dir.resolve()
+    known = [target.name for target in TARGETS]
+    args.targets = (known if args.targets is None
+                    else [name.strip() for name in args.targets.split(",")])
+    unknown = [name for name in args.targets if name not in known]
+    if unknown or not args.targets:
+        parser.error(f"--targets: unknown {', '.join(unknown) or 'empty list'} "
+                     f"(known: {', '.join(known)})")
     if args.keep and args.keep.exists():
         parser.error(f"--keep {args.keep}: already exists")
     return args

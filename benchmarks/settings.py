@@ -48,7 +48,21 @@ class Scenario:
 TARGETS = (
     Target("direct", BACKEND_PORT),
     Target("proxy_l4", 19001, listener={"protocol": "tcp", "routes": "main"}),
+    # The HTTP/1.1 L7 path, once per codec: every request is parsed, routed
+    # (through a real path_prefix match, not a shortcut), rewritten with the
+    # forwarding headers and sent on a pooled keep-alive connection to nginx.
+    Target("proxy_l7_httptools", 19002,
+           listener={"protocol": "http", "routes": "l7", "http": {"codec": "httptools"}}),
+    Target("proxy_l7_h11", 19003,
+           listener={"protocol": "http", "routes": "l7", "http": {"codec": "h11"}}),
 )
+
+# Route tables of the proxy's config, named by the targets' "routes"; every
+# route leads to the one cluster, "backend" (nginx).
+ROUTE_TABLES = {
+    "main": [{"match": {}, "cluster": "backend"}],
+    "l7": [{"match": {"path_prefix": "/"}, "cluster": "backend"}],
+}
 # The target through which the idle-connection memory test connects. It is
 # here rather than with that test in run.py because it must name one of TARGETS.
 IDLE_TARGET = "proxy_l4"
