@@ -42,7 +42,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "path", "authority", "headers", "version", "keep_alive",
-                 "framing", "length", "upgrade", "expect_continue")
+                 "framing", "length", "upgrade", "expect_continue", "raw")
 
     def __init__(self, method: bytes, target: bytes, path: bytes, authority: bytes | None,
                  headers: Headers, version: bytes = b"1.1", keep_alive: bool = True,
@@ -59,6 +59,10 @@ class Request:
         self.length = length            # with BODY_LENGTH
         self.upgrade = upgrade          # the Upgrade field's value when the client asks to switch protocols
         self.expect_continue = expect_continue
+        # The head as received (start line through the final CRLF CRLF), set
+        # by the HTTP/1 codec after checking it; its field lines match
+        # ``headers`` one to one. None for heads made otherwise.
+        self.raw: bytes | None = None
 
     header = _first_value
 
@@ -69,7 +73,7 @@ class Request:
 class Response:
     """A response head. 1xx heads are informational: they have no body and no end."""
 
-    __slots__ = ("status", "reason", "headers", "version", "keep_alive", "framing", "length")
+    __slots__ = ("status", "reason", "headers", "version", "keep_alive", "framing", "length", "raw")
 
     def __init__(self, status: int, reason: bytes, headers: Headers, version: bytes = b"1.1",
                  keep_alive: bool = True, framing: int = BODY_NONE, length: int = 0) -> None:
@@ -80,6 +84,7 @@ class Response:
         self.keep_alive = keep_alive    # the server lets the connection be reused after this response
         self.framing = framing          # any BODY_* (UNTIL_CLOSE and TUNNEL included)
         self.length = length
+        self.raw: bytes | None = None   # as for Request
 
     header = _first_value
 

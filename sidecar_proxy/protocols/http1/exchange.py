@@ -23,7 +23,8 @@ from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UN
                       FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_PROTOCOL_ERROR,
                       FLAG_UPSTREAM_TERMINATED, FLAG_UPSTREAM_TIMEOUT, HttpError, Request, Response)
 from . import make_parser
-from .serialize import InvalidHeader, chunk, last_chunk, local_response, request_head, response_head
+from .serialize import (InvalidHeader, chunk, field_line, forward_response_head, last_chunk, local_response,
+                        received_block, without)
 
 if TYPE_CHECKING:
     from .session import Session
@@ -35,11 +36,12 @@ log = logging.getLogger("sidecar_proxy.http")
 # already turned Transfer-Encoding and Content-Length into framing.
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"))
-CHUNKED_FIELD = (b"transfer-encoding", b"chunked")
-_CLOSE_FIELD = (b"connection", b"close")
-_KEEP_ALIVE_FIELD = (b"connection", b"keep-alive")
-UPGRADE_FIELD = (b"connection", b"upgrade")
-XFP_HTTP = (b"x-forwarded-proto", b"http")
+# Field lines the proxy adds, checked once here.
+CHUNKED_LINE = field_line(b"transfer-encoding", b"chunked")
+_CLOSE_LINE = field_line(b"connection", b"close")
+_KEEP_ALIVE_LINE = field_line(b"connection", b"keep-alive")
+UPGRADE_LINE = field_line(b"connection", b"upgrade")
+XFP_LINE = field_line(b"x-forwarded-proto", b"http")
 # Request fields the proxy edits or leaves alone instead of adding its own.
 PROXY_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
 
@@ -86,6 +88,11 @@ class RequestIds:
     def next(self) -> bytes:
         self.counter = c = (self.counter + 1) & 0xFFFFFFFFFFFF
         return b"%s%012x" % (self.prefix, c)
+
+    def next_line(self) -> bytes:
+        """``x-request-id: <id>`` CRLF; hex digits and dashes only, so no check is needed."""
+        self.counter = c = (self.counter + 1) & 0xFFFFFFFFFFFF
+        return b"x-request-id: %s%012x\r\n" % (self.prefix, c)
 
 
 class Exchange:
@@ -279,7 +286,7 @@ class Exchange:
         try:
             head = self.head_bytes
             if head is None:
-                head = self.head_bytes = request_head(req.method, req.target, session.upstream_headers(self))
+                head = self.head_bytes = session.upstream_head(self)
         except InvalidHeader as exc:
             # A configured value or a codec gap let through a field we will not write.
             self.pool.give_back(conn)
@@ -432,7 +439,8 @@ class Exchange:
                 self._respond_head(resp, _OUT_NONE, keep_upgrade=True)
                 return  # the parser returns the rest: tunnel()
             if req.version == b"1.1":
-                session.write(response_head(status, resp.reason, self._response_fields(resp)))
+                block, added = self._response_parts(resp)
+                session.write(forward_response_head(status, resp.reason, block, added))
             return
         self.deadline = 0.0
         framing = resp.framing
@@ -454,45 +462,45 @@ class Exchange:
         req = self.req
         self.status = resp.status
         self.out = out
-        fields = self._response_fields(resp, keep_upgrade)
+        block, added = self._response_parts(resp, keep_upgrade)
         if out == _OUT_CHUNKED:
-            fields.append(CHUNKED_FIELD)
+            added += CHUNKED_LINE
         elif resp.framing == BODY_NONE and resp.status != 304 and resp.header(b"transfer-encoding") is not None \
                 and req.version == b"1.1":
-            fields.append(CHUNKED_FIELD)  # HEAD: say how the body would have come
+            added += CHUNKED_LINE  # HEAD: say how the body would have come
         if keep_upgrade:
             pass
         elif not req.keep_alive or session.draining or self.close_after:
             self.close_after = True
-            fields.append(_CLOSE_FIELD)
+            added += _CLOSE_LINE
         elif req.version == b"1.0":
-            fields.append(_KEEP_ALIVE_FIELD)
+            added += _KEEP_ALIVE_LINE
         try:
-            head = response_head(resp.status, resp.reason, fields)
+            head = forward_response_head(resp.status, resp.reason, block, added)
         except InvalidHeader as exc:
             raise HttpError(502, f"response field refused at serialisation: {exc}",
                             FLAG_UPSTREAM_PROTOCOL_ERROR) from None
         self.resp_started = True
         session.write(head)
 
-    def _response_fields(self, resp: Response, keep_upgrade: bool = False) -> list:
+    def _response_parts(self, resp: Response, keep_upgrade: bool = False) -> tuple[bytes, bytes]:
+        """The received field lines to forward (minus hop-by-hop and the route's removals) and the
+        checked lines to add after them."""
         route = self.route
-        drop = self.session.rt.response_drop(route)
+        rt = self.session.rt
+        drop = rt.response_drop(route)
         connection = resp.header(b"connection") if not keep_upgrade else None
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        fields = [field for field in resp.headers if field[0] not in drop]
+        block = received_block(resp)
+        headers = resp.headers
+        if not drop.isdisjoint([field[0] for field in headers]):
+            block = without(block, headers, drop)
+        added = rt.response_lines(route)
         if keep_upgrade:
-            fields.append(UPGRADE_FIELD)
             upgrade = resp.header(b"upgrade")
-            if upgrade is not None:
-                fields.append((b"upgrade", upgrade))
-        if route is not None:
-            if route.response_set:
-                fields.extend(route.response_set)
-            if route.response_add:
-                fields.extend(route.response_add)
-        return fields
+            added = UPGRADE_LINE + (field_line(b"upgrade", upgrade) if upgrade is not None else b"") + added
+        return block, added
 
     def on_data(self, data: bytes) -> None:
         out = self.out

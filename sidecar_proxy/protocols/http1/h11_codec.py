@@ -161,6 +161,7 @@ class H11Parser:
             head = data[pos:hend]
             method = self._methods[0] if self._methods else b"GET"
             msg = strict.parse_head(head, request, limits, method)
+            msg.raw = head
             conn = self._conn
             if conn is None:
                 conn = self._conn = self._new_conn(method)

@@ -272,13 +272,15 @@ class HttptoolsParser:
             raise HttpError(400, "malformed request line") from None
         if len(target) > limits.max_uri_bytes:
             raise HttpError(414, f"request target over {limits.max_uri_bytes} bytes")
-        fields = self._feed_head(data if (pos == 0 and hend == len(data)) else data[pos:hend])
+        head = data if (pos == 0 and hend == len(data)) else data[pos:hend]
+        fields = self._feed_head(head)
         if type(fields) is list:
             if hend - pos > limits.max_header_bytes or len(fields) > limits.max_header_count:
                 strict.check_head_size(hend - pos, len(fields), True, limits)
             req = strict.build_request(method, target, version, fields, limits)
         else:
             req = fields
+        req.raw = head
         self._switch = req.upgrade is not None or req.framing == BODY_TUNNEL
         self._sink.on_head(req)
         framing = req.framing
@@ -303,7 +305,8 @@ class HttptoolsParser:
                 return self._skip_empty(data, pos)
             strict.parse_status_line(data[pos:eol])
             raise strict.fail(False, 502, "malformed status line")
-        fields = self._feed_head(data if (pos == 0 and hend == len(data)) else data[pos:hend])
+        head = data if (pos == 0 and hend == len(data)) else data[pos:hend]
+        fields = self._feed_head(head)
         methods = self._methods
         if type(fields) is list:            # llhttp checked the 3 status digits
             limits = self._limits
@@ -315,6 +318,7 @@ class HttptoolsParser:
         else:
             resp = fields
             status = resp.status
+        resp.raw = head
         if (status >= 200 or status == 101) and methods:
             methods.popleft()
         self._sink.on_head(resp)

@@ -16,6 +16,7 @@ from ...upstream.balancer import make_picker
 from ...upstream.pool import Pool, PoolManager
 from . import resolve_codec
 from .exchange import HOP_BY_HOP, RequestIds
+from .serialize import field_lines
 
 if TYPE_CHECKING:
     from ...transport.listeners import ListenerState
@@ -25,7 +26,7 @@ class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
-                 "_req_drop", "_resp_drop")
+                 "_req_drop", "_resp_drop", "_req_lines", "_resp_lines")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
@@ -58,6 +59,8 @@ class HttpRuntime:
         self._pool_cache: dict[tuple, Pool] = {}
         self._req_drop: dict = {None: HOP_BY_HOP}
         self._resp_drop: dict = {None: HOP_BY_HOP}
+        self._req_lines: dict = {None: b""}
+        self._resp_lines: dict = {None: b""}
 
     def pool_for(self, cluster: Cluster, target: tuple[str, int]) -> Pool:
         key = (cluster.name, target)
@@ -68,6 +71,19 @@ class HttpRuntime:
             if len(self._pool_cache) < 4096:  # original-destination targets are unbounded
                 self._pool_cache[key] = pool
         return pool
+
+    def request_lines(self, route) -> bytes:
+        """The route's request_headers set/add as checked field lines, made once per snapshot."""
+        lines = self._req_lines.get(route)
+        if lines is None:
+            lines = self._req_lines[route] = field_lines(route.request_set + route.request_add)
+        return lines
+
+    def response_lines(self, route) -> bytes:
+        lines = self._resp_lines.get(route)
+        if lines is None:
+            lines = self._resp_lines[route] = field_lines(route.response_set + route.response_add)
+        return lines
 
     def request_drop(self, route) -> frozenset[bytes]:
         drop = self._req_drop.get(route)

@@ -92,6 +92,71 @@ def response_head(status: int, reason: bytes, headers, version: bytes = b"1.1") 
     return b"HTTP/%s %d %s%s\r\n\r\n" % (version, status, reason, _wire(joined))
 
 
+def received_block(head) -> bytes:
+    """A received head's field lines, each with its CRLF, exactly as received.
+
+    A head from the codec carries its bytes (``head.raw``), checked by the
+    same rules this module applies (tokens, no CTL): forwarding them as they
+    are skips rebuilding and re-checking what cannot have changed. A head
+    made otherwise has its fields written (and checked) here.
+    """
+    raw = head.raw
+    if raw is None:
+        headers = head.headers
+        joined = _joined(headers)
+        if joined.count(b"\n") != len(headers) or _TRAILERS_RE.fullmatch(joined) is None:
+            _culprit(headers, start_line=False)
+        return _wire(joined)[2:] + b"\r\n" if headers else b""
+    return raw[raw.find(b"\r\n") + 2:-2]
+
+
+def without(block: bytes, headers, drop) -> bytes:
+    """``block`` (see received_block) without the lines of the fields named in ``drop``."""
+    kept = [line for line, field in zip(block[:-2].split(b"\r\n"), headers) if field[0] not in drop]
+    return b"\r\n".join(kept) + b"\r\n" if kept else b""
+
+
+def field_line(name: bytes, value: bytes) -> bytes:
+    """One checked field line with its CRLF. Lines the proxy adds on every
+    request (x-forwarded-*, x-request-id, a route's additions) are made and
+    checked once (per connection, per route, per process) and then reused."""
+    if _FIELD_NAME_RE.fullmatch(name) is None:
+        raise InvalidHeader(f"invalid header name {name!r}")
+    if _FIELD_VALUE_RE.fullmatch(value) is None:
+        raise InvalidHeader(f"invalid value for header {name!r}")
+    return b"%s: %s\r\n" % (name, value)
+
+
+def field_lines(headers) -> bytes:
+    return b"".join([field_line(name, value) for name, value in headers])
+
+
+_REQUEST_LINE_RE = re.compile(rb"[%s]+ [\x21-\x7e]+" % _TCHAR)
+
+
+def forward_request_head(method: bytes, target: bytes, block: bytes, added: bytes) -> bytes:
+    """A forwarded request head: HTTP/1.1 request line, the received field
+    lines kept (``block``, see received_block), then ``added`` (lines made
+    by field_line)."""
+    line = b"%s %s" % (method, target)
+    if _REQUEST_LINE_RE.fullmatch(line) is None:
+        if _METHOD_RE.fullmatch(method) is None:
+            raise InvalidHeader(f"invalid method {method!r}")
+        raise InvalidHeader(f"invalid request target {target!r}")
+    return b"%s HTTP/1.1\r\n%s%s\r\n" % (line, block, added)
+
+
+def forward_response_head(status: int, reason: bytes, block: bytes, added: bytes) -> bytes:
+    """A forwarded response head (HTTP/1.1): as forward_request_head."""
+    if not 100 <= status <= 999:
+        raise InvalidHeader(f"invalid status {status!r}")
+    if not reason:
+        reason = REASONS.get(status, b"")
+    elif _FIELD_VALUE_RE.fullmatch(reason) is None:
+        raise InvalidHeader(f"invalid reason phrase {reason!r}")
+    return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, block, added)
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body; ``data`` is never empty (that would end
     the body)."""

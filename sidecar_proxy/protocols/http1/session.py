@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 from ...addr import format_addr
 from ..events import BODY_CHUNKED, FLAG_DOWNSTREAM_CLOSED, FLAG_REQUEST_HEADER_TIMEOUT, HttpError, Request
 from . import make_parser
-from .exchange import (BLOCK_UPGRADE, BLOCK_WAITING, CHUNKED_FIELD, PLAIN_CONNECTION, PROXY_FIELDS,
-                       REFUSED, UPGRADE_FIELD, XFP_HTTP, Exchange)
+from .exchange import (BLOCK_UPGRADE, BLOCK_WAITING, CHUNKED_LINE, PLAIN_CONNECTION, PROXY_FIELDS, REFUSED,
+                       UPGRADE_LINE, XFP_LINE, Exchange)
+from .serialize import field_line, forward_request_head, received_block
 
 if TYPE_CHECKING:
     from ...transport.listeners import HttpRuntime
@@ -55,7 +56,7 @@ class Session(asyncio.Protocol):
 
     __slots__ = ("relay", "rt", "loop", "transport", "parser", "current", "active", "queue", "blocks",
                  "closing", "done", "lost", "eof_seen", "peer_ip", "head_timer", "held_rest", "requests",
-                 "in_head", "refusal", "linger", "timer", "write_paused", "last_seen", "cork", "feeding", "holding",
+                 "in_head", "refusal", "linger", "timer", "write_paused", "xff_line", "last_seen", "cork", "feeding", "holding",
                  "draining")
 
     def __init__(self, relay: Relay, rt: HttpRuntime) -> None:
@@ -83,6 +84,7 @@ class Session(asyncio.Protocol):
         self.draining = False                  # the proxy is stopping: every response closes
         peer = relay.peer_addr
         self.peer_ip = peer[0].encode() if peer else b""
+        self.xff_line = field_line(b"x-forwarded-for", self.peer_ip)
         self.head_timer: asyncio.TimerHandle | None = None
         self.held_rest: bytes | None = None    # bytes after an Upgrade/CONNECT request
         self.requests = 0
@@ -264,49 +266,54 @@ class Session(asyncio.Protocol):
             else:
                 self.transport.writelines(corked)
 
-    def upstream_headers(self, ex: Exchange) -> list:
-        """The request's fields as forwarded: hop-by-hop gone, proxy fields added, route rewrites applied."""
+    def upstream_head(self, ex: Exchange) -> bytes:
+        """The request head as forwarded: the received field lines as they came, minus hop-by-hop
+        fields and the route's removals, plus the proxy's fields and the route's additions."""
         rt = self.rt
         req = ex.req
         route = ex.route
+        headers = req.headers
         drop = rt.request_drop(route)
         connection = req.header(b"connection")
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        fields = [field for field in req.headers if field[0] not in drop]
-        xff = xfp = rid = False
+        block = received_block(req)
+        names = [field[0] for field in headers]
         host_rewrite = route.host_rewrite if route is not None else None
-        if host_rewrite is not None or not PROXY_FIELDS.isdisjoint([field[0] for field in fields]):
-            # The rare path: fields the proxy edits are present.
-            for i, (name, value) in enumerate(fields):
+        xff = xfp = rid = False
+        if host_rewrite is not None or not drop.isdisjoint(names) or not PROXY_FIELDS.isdisjoint(names):
+            # The rare path: lines to drop or to edit.
+            kept = []
+            for line, name in zip(block[:-2].split(b"\r\n"), names):
+                if name in drop:
+                    continue
                 if name == b"x-forwarded-for":
-                    if rt.add_xff:
-                        fields[i] = (name, value + b", " + self.peer_ip)
                     xff = True
+                    if rt.add_xff:
+                        line = line.rstrip(b" \t") + b", " + self.peer_ip
                 elif name == b"host":
                     if host_rewrite is not None:
-                        fields[i] = (name, host_rewrite)
+                        line = line[:line.index(b":")] + b": " + host_rewrite
                 elif name == b"x-forwarded-proto":
                     xfp = True
                 elif name == b"x-request-id":
                     rid = True
+                kept.append(line)
+            block = b"\r\n".join(kept) + b"\r\n" if kept else b""
+        added = b""
         if req.upgrade is not None:
-            fields.append(UPGRADE_FIELD)
-            fields.append((b"upgrade", req.upgrade))
+            added = UPGRADE_LINE + field_line(b"upgrade", req.upgrade)
         if req.framing == BODY_CHUNKED:
-            fields.append(CHUNKED_FIELD)
+            added += CHUNKED_LINE
         if rt.add_xff and not xff:
-            fields.append((b"x-forwarded-for", self.peer_ip))
+            added += self.xff_line
         if rt.add_xfp and not xfp:
-            fields.append(XFP_HTTP)
+            added += XFP_LINE
         if rt.add_request_id and not rid:
-            fields.append((b"x-request-id", rt.request_ids.next()))
+            added += rt.request_ids.next_line()
         if route is not None:
-            if route.request_set:
-                fields.extend(route.request_set)
-            if route.request_add:
-                fields.extend(route.request_add)
-        return fields
+            added += rt.request_lines(route)
+        return forward_request_head(req.method, req.target, block, added)
 
     # --- the end of an exchange
 
