@@ -261,10 +261,9 @@ class Session(asyncio.Protocol):
     def uncork(self, corked: list) -> None:
         self.cork = None
         if corked and not self.lost:
-            if len(corked) == 1:
-                self.transport.write(corked[0])
-            else:
-                self.transport.writelines(corked)
+            # One write: uvloop sends it at once, where writelines would queue
+            # the buffers for the end of the loop iteration.
+            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def upstream_head(self, ex: Exchange) -> bytes:
         """The request head as forwarded: the received field lines as they came, minus hop-by-hop
