@@ -1,0 +1,111 @@
+"""Draining HTTP connections: idle keep-alive connections close at once, busy ones after their
+response (which says ``connection: close``), and the proxy exits without waiting out the drain time."""
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from ..support import Proxy, ThreadedServer, free_port, recv_all
+
+pytestmark = pytest.mark.e2e
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def slow_origin(delay: float):
+    def handler(conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+            while b"\r\n\r\n" in buf:
+                _, buf = buf.split(b"\r\n\r\n", 1)
+                time.sleep(delay)
+                conn.sendall(RESPONSE)
+    return handler
+
+
+def config(origin_port: int, codec: str) -> dict:
+    return {
+        "version": 1, "node": {"id": "drain"},
+        "admin": {"address": "127.0.0.1", "port": free_port()},
+        "listeners": {"web": {"address": "127.0.0.1", "port": free_port(), "protocol": "http", "routes": "main",
+                              "http": {"codec": codec}}},
+        "clusters": {"origin": {"endpoints": [f"127.0.0.1:{origin_port}"]}},
+        "route_tables": {"main": [{"match": {}, "cluster": "origin"}]},
+    }
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def codec(request):
+    return request.param
+
+
+def read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"hello" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_sigterm_closes_idle_keepalive_connections_and_finishes_busy_ones(tmp_path, codec):
+    origin = ThreadedServer(slow_origin(1.0))
+    proxy = Proxy(config(origin.port, codec), tmp_path, drain_time_s=20).wait_ready()
+    try:
+        idle = socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5)
+        busy = socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5)
+        idle.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(idle).startswith(b"HTTP/1.1 200"), "a keep-alive exchange before the drain"
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.3)  # the request is at the origin, its answer a second away
+        began = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        # The idle connection is closed by the proxy (FIN) without an answer to anything.
+        assert recv_all(idle) == b""
+        # The busy one gets its whole response, told that the connection ends, then the FIN.
+        answer = recv_all(busy)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"hello", answer
+        assert b"\r\nconnection: close" in head.lower(), head
+        assert proxy.proc.wait(10) == 0
+        # Far from the 20 s drain time: nothing was left to wait for.
+        assert time.monotonic() - began < 6
+        idle.close()
+        busy.close()
+    finally:
+        proxy.kill()
+        origin.close()
+    assert "Traceback" not in proxy.log()
+
+
+def test_reload_keeps_pooled_connections_and_in_flight_requests(tmp_path, codec):
+    origin = ThreadedServer(slow_origin(0.0))
+    cfg = config(origin.port, codec)
+    proxy = Proxy(cfg, tmp_path).wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5) as c:
+            for i in range(3):
+                c.sendall(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+                assert read_response(c).startswith(b"HTTP/1.1 200")
+            cfg["route_tables"]["main"].insert(0, {"match": {"path": "/new"}, "direct_response": {"status": 204}})
+            status, body = proxy.post_config(cfg)
+            assert status == 200, body
+            # The connection accepted under the old snapshot keeps its routes...
+            c.sendall(b"GET /new HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(c).startswith(b"HTTP/1.1 200")
+        # ...a new one gets the new ones.
+        with socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5) as c:
+            c.sendall(b"GET /new HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert c.recv(1000).startswith(b"HTTP/1.1 204")
+        assert origin.accepted == 1, "the reload kept the pooled upstream connection"
+    finally:
+        origin.close()
+        assert proxy.stop() == 0
