@@ -109,3 +109,34 @@ def test_reload_keeps_pooled_connections_and_in_flight_requests(tmp_path, codec)
     finally:
         origin.close()
         assert proxy.stop() == 0
+
+
+def test_a_keepalive_connection_stays_usable_after_each_kind_of_local_answer(tmp_path, codec):
+    """503 (nothing listening), 504 (silence), 404 (no route), a direct response: after each, the
+    same client connection carries the next request to a working origin."""
+    origin = ThreadedServer(slow_origin(0.0))
+    silent = ThreadedServer(lambda conn: time.sleep(3))
+    cfg = config(origin.port, codec)
+    cfg["clusters"]["dead"] = {"endpoints": [f"127.0.0.1:{free_port()}"], "connect_timeout": "1s"}
+    cfg["clusters"]["silent"] = {"endpoints": [f"127.0.0.1:{silent.port}"]}
+    cfg["route_tables"]["main"] = [
+        {"match": {"path": "/dead"}, "cluster": "dead"},
+        {"match": {"path": "/silent"}, "cluster": "silent", "timeout": "500ms"},
+        {"match": {"path": "/direct"}, "direct_response": {"status": 202, "body": "here"}},
+        {"match": {"path_prefix": "/ok"}, "cluster": "origin"},
+    ]
+    proxy = Proxy(cfg, tmp_path).wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5) as c:
+            for path, status in ((b"/dead", b"503"), (b"/silent", b"504"), (b"/nowhere", b"404"),
+                                 (b"/direct", b"202")):
+                c.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+                answer = c.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 " + status), (path, answer)
+                assert b"connection: close" not in answer.lower(), (path, answer)
+                c.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert read_response(c).startswith(b"HTTP/1.1 200"), f"after {path!r}"
+    finally:
+        origin.close()
+        silent.close()
+        assert proxy.stop() == 0

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from ...addr import format_addr
 from ...transport.original_dst import is_own_listener
-from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE,
-                      FLAG_DIRECT_RESPONSE, FLAG_DOWNSTREAM_CLOSED, FLAG_LOOP, FLAG_NO_ROUTE,
-                      FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_PROTOCOL_ERROR,
-                      FLAG_UPSTREAM_TERMINATED, FLAG_UPSTREAM_TIMEOUT, HttpError, Request, Response)
+from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_DIRECT_RESPONSE,
+                      FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_LOOP, FLAG_NO_ROUTE,
+                      FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED,
+                      FLAG_UPSTREAM_TIMEOUT, HttpError, Request, Response)
 from . import make_parser
 from .serialize import (InvalidHeader, chunk, field_line, forward_response_head, last_chunk, local_response,
                         received_block, without)
@@ -254,6 +254,8 @@ class Exchange:
             pool.active -= 1
             conn.abort()
             self.connect_task = None
+            if not session.queue:
+                session.unblock(BLOCK_WAITING)  # the connection stays usable after the 503
             from ...transport.relay import connect_failure_reason
             reason = connect_failure_reason(exc)
             rt.connect_failures(cluster.name, reason)
@@ -267,32 +269,33 @@ class Exchange:
             return
         limit = rt.buffer_limit
         conn.transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        session.unblock(BLOCK_WAITING)
+        if not session.queue:
+            # Pipelined requests behind this one keep reading paused (see Session.on_head).
+            session.unblock(BLOCK_WAITING)
         self.attach(conn)
 
     def attach(self, conn: UpstreamConn) -> None:
+        session = self.session
+        req = self.req
+        try:
+            head = self.head_bytes
+            if head is None:
+                head = self.head_bytes = session.upstream_head(self)
+        except InvalidHeader as exc:
+            # A codec gap let through a field we will not write; the connection saw nothing.
+            self.pool.give_back(conn)
+            self.local(400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, f"request field refused at serialisation: {exc}")
+            return
         self.conn = conn
         conn.owner = self
         conn.requests += 1
-        session = self.session
         parser = conn.parser
         if parser is None:
             parser = conn.parser = make_parser(session.rt.codec, "response", self, session.rt.limits)
         else:
             parser.set_sink(self)
         self.rparser = parser
-        req = self.req
         parser.expect(req.method)
-        try:
-            head = self.head_bytes
-            if head is None:
-                head = self.head_bytes = session.upstream_head(self)
-        except InvalidHeader as exc:
-            # A configured value or a codec gap let through a field we will not write.
-            self.pool.give_back(conn)
-            self.conn = None
-            self.local(400, "DPE", f"request field refused at serialisation: {exc}")
-            return
         transport = conn.transport
         if session.write_paused:
             # The client is not reading: this response waits until it does.
