@@ -191,7 +191,9 @@ class Exchange:
         if timeout and not self.resp_started:
             session = self.session
             self.deadline = deadline = session.loop.time() + timeout
-            session.watch_deadline(deadline)
+            timer = session.timer
+            if timer is None or timer.when() > deadline:
+                session.watch_deadline(deadline)
 
     # --- routing and the upstream connection
 
@@ -489,17 +491,17 @@ class Exchange:
     def _response_parts(self, resp: Response, keep_upgrade: bool = False) -> tuple[bytes, bytes]:
         """The received field lines to forward (minus hop-by-hop and the route's removals) and the
         checked lines to add after them."""
-        route = self.route
-        rt = self.session.rt
-        drop = rt.response_drop(route)
+        edits = self.session.rt.edits[self.route]
+        drop = edits.response_drop
         connection = resp.header(b"connection") if not keep_upgrade else None
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        block = received_block(resp)
+        raw = resp.raw
+        block = raw[raw.find(b"\r\n") + 2:-2] if raw is not None else received_block(resp)
         headers = resp.headers
         if not drop.isdisjoint([field[0] for field in headers]):
             block = without(block, headers, drop)
-        added = rt.response_lines(route)
+        added = edits.response_lines
         if keep_upgrade:
             upgrade = resp.header(b"upgrade")
             added = UPGRADE_LINE + (field_line(b"upgrade", upgrade) if upgrade is not None else b"") + added
@@ -507,10 +509,15 @@ class Exchange:
 
     def on_data(self, data: bytes) -> None:
         out = self.out
-        if out == _OUT_RAW:
+        if out == _OUT_NONE:
+            return
+        if out == _OUT_CHUNKED:
+            data = chunk(data)
+        cork = self.session.cork
+        if cork is not None:
+            cork.append(data)  # Session.write, inlined: this runs for every body chunk
+        else:
             self.session.write(data)
-        elif out == _OUT_CHUNKED:
-            self.session.write(chunk(data))
 
     def on_end(self, trailers) -> None:
         if self.out == _OUT_CHUNKED:

@@ -22,11 +22,22 @@ if TYPE_CHECKING:
     from ...transport.listeners import ListenerState
 
 
+class RouteEdits:
+    __slots__ = ("request_drop", "request_lines", "response_drop", "response_lines")
+
+    def __init__(self, request_drop: frozenset[bytes], request_lines: bytes, response_drop: frozenset[bytes],
+                 response_lines: bytes) -> None:
+        self.request_drop = request_drop
+        self.request_lines = request_lines
+        self.response_drop = response_drop
+        self.response_lines = response_lines
+
+
 class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
-                 "_req_drop", "_resp_drop", "_req_lines", "_resp_lines")
+                 "edits")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
@@ -57,10 +68,14 @@ class HttpRuntime:
         self.connect_seconds = connect_seconds
         self.connect_failures = connect_failures
         self._pool_cache: dict[tuple, Pool] = {}
-        self._req_drop: dict = {None: HOP_BY_HOP}
-        self._resp_drop: dict = {None: HOP_BY_HOP}
-        self._req_lines: dict = {None: b""}
-        self._resp_lines: dict = {None: b""}
+        # What forwarding needs of each route, made once: the field names to
+        # drop and the checked field lines to add, each way. Key None: no route.
+        self.edits: dict = {None: RouteEdits(HOP_BY_HOP, b"", HOP_BY_HOP, b"")}
+        for route in self.table.routes:
+            self.edits[route] = RouteEdits(HOP_BY_HOP | route.request_remove,
+                                           field_lines(route.request_set + route.request_add),
+                                           HOP_BY_HOP | route.response_remove,
+                                           field_lines(route.response_set + route.response_add))
 
     def pool_for(self, cluster: Cluster, target: tuple[str, int]) -> Pool:
         key = (cluster.name, target)
@@ -71,28 +86,3 @@ class HttpRuntime:
             if len(self._pool_cache) < 4096:  # original-destination targets are unbounded
                 self._pool_cache[key] = pool
         return pool
-
-    def request_lines(self, route) -> bytes:
-        """The route's request_headers set/add as checked field lines, made once per snapshot."""
-        lines = self._req_lines.get(route)
-        if lines is None:
-            lines = self._req_lines[route] = field_lines(route.request_set + route.request_add)
-        return lines
-
-    def response_lines(self, route) -> bytes:
-        lines = self._resp_lines.get(route)
-        if lines is None:
-            lines = self._resp_lines[route] = field_lines(route.response_set + route.response_add)
-        return lines
-
-    def request_drop(self, route) -> frozenset[bytes]:
-        drop = self._req_drop.get(route)
-        if drop is None:
-            drop = self._req_drop[route] = HOP_BY_HOP | route.request_remove
-        return drop
-
-    def response_drop(self, route) -> frozenset[bytes]:
-        drop = self._resp_drop.get(route)
-        if drop is None:
-            drop = self._resp_drop[route] = HOP_BY_HOP | route.response_remove
-        return drop

@@ -272,11 +272,13 @@ class Session(asyncio.Protocol):
         req = ex.req
         route = ex.route
         headers = req.headers
-        drop = rt.request_drop(route)
+        edits = rt.edits[route]
+        drop = edits.request_drop
         connection = req.header(b"connection")
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        block = received_block(req)
+        raw = req.raw
+        block = raw[raw.find(b"\r\n") + 2:-2] if raw is not None else received_block(req)
         names = [field[0] for field in headers]
         host_rewrite = route.host_rewrite if route is not None else None
         xff = xfp = rid = False
@@ -310,9 +312,7 @@ class Session(asyncio.Protocol):
             added += XFP_LINE
         if rt.add_request_id and not rid:
             added += rt.request_ids.next_line()
-        if route is not None:
-            added += rt.request_lines(route)
-        return forward_request_head(req.method, req.target, block, added)
+        return forward_request_head(req.method, req.target, block, added + edits.request_lines)
 
     # --- the end of an exchange
 
