@@ -91,6 +91,12 @@ def _route(r: Route) -> dict:
             doc["request_headers"] = _rewrite(r.request_headers)
     if r.response_headers:
         doc["response_headers"] = _rewrite(r.response_headers)
+    if r.rate_limit is not None:
+        rl = r.rate_limit
+        doc["rate_limit"] = {"requests_per_second": rl.requests_per_second, "burst": rl.burst,
+                             "shadow": rl.shadow, "max_keys": rl.max_keys}
+        if rl.key is not None:
+            doc["rate_limit"]["key"] = rl.key
     return doc
 
 

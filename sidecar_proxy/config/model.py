@@ -227,6 +227,24 @@ ACTIONS = ("cluster", "weighted_clusters", "direct_response", "redirect")
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A local token bucket on a route: ``requests_per_second`` refill, ``burst`` capacity.
+
+    ``key``: None (one bucket for the route), ``client_ip`` (one per client
+    address) or ``header:<name>`` (one per value of that request field; a
+    request without it shares one bucket). Keyed buckets live in a table of
+    at most ``max_keys`` (least recently used evicted). ``shadow`` counts
+    what would be refused but refuses nothing.
+    """
+
+    requests_per_second: float
+    burst: int
+    key: str | None = None
+    shadow: bool = False
+    max_keys: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     match: Match
     cluster: str | None = None
@@ -240,6 +258,7 @@ class Route:
     host_rewrite: str | None = None   # host[:port] sent upstream instead of the request's
     # Upstream response timeout (to the response head), then 504; 0 = none.
     timeout: float = 15.0
+    rate_limit: RateLimit | None = None
 
     @property
     def action(self) -> str:

@@ -8,6 +8,7 @@ and timeout. Errors name the document path, e.g.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any, Collection
 
@@ -17,9 +18,9 @@ from .fields import (Errors, check_keys, describe, get, get_parsed, header_value
 from .matches import authority_check, match as parse_match, normal_authority, path_check
 
 # Keys of later issues: "not supported by this build yet", not "unknown key".
-_PLANNED_ROUTE = {"retry", "rate_limit", "authorization"}
+_PLANNED_ROUTE = {"retry", "authorization"}
 _ROUTE_KEYS = {"name", "match", "cluster", "weighted_clusters", "direct_response", "redirect",
-               "request_headers", "response_headers", "host_rewrite", "timeout"}
+               "request_headers", "response_headers", "host_rewrite", "timeout", "rate_limit"}
 _REWRITE_KEYS = {"add", "set", "remove"}
 
 # Connection-level and framing fields: the codec and the session own them,
@@ -86,13 +87,49 @@ def _route(err: Errors, path: str, default_name: str, doc: Any, cluster_names: C
     host_rewrite = get(err, path, doc, "host_rewrite", str, default=None, check=authority_check)
     timeout = get_parsed(err, path, doc, "timeout", parse_duration, 15.0,
                          lambda v: None if v <= MAX_TIMEOUT else "must be at most 24h (0s disables it)")
+    rate_limit = _rate_limit(err, join(path, "rate_limit"), doc.get("rate_limit"))
     if len(err.items) > before:
         return None
     return model.Route(match=match, cluster=cluster, weighted_clusters=weighted or (), direct_response=direct,
                        redirect=redirect, name=name, request_headers=request_headers,
                        response_headers=response_headers,
                        host_rewrite=normal_authority(host_rewrite) if host_rewrite is not None else None,
-                       timeout=timeout)
+                       timeout=timeout, rate_limit=rate_limit)
+
+
+def _rate_limit(err: Errors, path: str, doc: Any) -> model.RateLimit | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        err.add(path, f"must be a mapping with 'requests_per_second', got {describe(doc)}")
+        return None
+    before = len(err.items)
+    check_keys(err, path, doc, {"requests_per_second", "burst", "key", "shadow", "max_keys"})
+    rps = doc.get("requests_per_second")
+    if rps is None:
+        err.add(join(path, "requests_per_second"), "is required")
+    elif isinstance(rps, bool) or not isinstance(rps, (int, float)) or not 0 < rps <= 1_000_000:
+        err.add(join(path, "requests_per_second"), f"must be a number greater than 0 and at most 1000000, got {rps!r}")
+    default_burst = max(1, math.ceil(rps)) if isinstance(rps, (int, float)) and not isinstance(rps, bool) else 1
+    burst = get(err, path, doc, "burst", int, default=default_burst,
+                check=lambda v: None if 1 <= v <= 1_000_000 else "must be 1..1000000")
+    key = get(err, path, doc, "key", str, default=None, check=_rate_limit_key_check)
+    shadow = get(err, path, doc, "shadow", bool, default=False)
+    max_keys = get(err, path, doc, "max_keys", int, default=10_000,
+                   check=lambda v: None if 1 <= v <= 1_000_000 else "must be 1..1000000")
+    if len(err.items) > before:
+        return None
+    if key is not None and key.startswith("header:"):
+        key = "header:" + key[7:].lower()
+    return model.RateLimit(requests_per_second=float(rps), burst=burst, key=key, shadow=shadow, max_keys=max_keys)
+
+
+def _rate_limit_key_check(value: str) -> str | None:
+    if value == "client_ip":
+        return None
+    if value.startswith("header:") and token_check(value[7:]) is None:
+        return None
+    return f"'{value}' is not a rate limit key: 'client_ip' or 'header:<field name>'"
 
 
 def _name_check(value: str) -> str | None:

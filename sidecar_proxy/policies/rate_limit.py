@@ -222,3 +222,30 @@ def rate_limit_headers(decision: Decision, limit: int, window: float) -> list[tu
     if not decision.allowed:
         headers.insert(0, (b"retry-after", b"%d" % max(1, _ceil_int(decision.retry_after))))
     return headers
+
+
+class RateLimiters:
+    """The limiters of every route, kept across config snapshots.
+
+    A reload that leaves a route's name and limit unchanged keeps its
+    buckets (a reload must not hand every client a fresh burst); a changed
+    limit starts afresh. Limiters of routes gone from the live config are
+    dropped at the next commit.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._limiters: dict[tuple, LocalRateLimit] = {}
+
+    def get(self, listener: str, route: str, limit) -> LocalRateLimit:
+        """``limit``: a config ``RateLimit`` (frozen, so part of the key)."""
+        key = (listener, route, limit)
+        found = self._limiters.get(key)
+        if found is None:
+            found = self._limiters[key] = LocalRateLimit(limit.requests_per_second, limit.burst, limit.shadow,
+                                                         limit.key, limit.max_keys, self.clock)
+        return found
+
+    def keep_only(self, keys: set[tuple]) -> None:
+        for key in [k for k in self._limiters if k not in keys]:
+            del self._limiters[key]

@@ -103,11 +103,12 @@ FLAG_UPSTREAM_TIMEOUT = "UT"             # 504: the route's timeout passed befor
 FLAG_UPSTREAM_TERMINATED = "UC"          # 502: the upstream closed or reset before the response ended
 FLAG_UPSTREAM_PROTOCOL_ERROR = "UPE"     # 502: the upstream sent bytes that are not a valid response
 FLAG_DIRECT_RESPONSE = "DR"              # the route answers itself (direct_response / redirect)
-FLAG_LOOP = "LOOP"                       # 508-ish refusal: the destination is this proxy's own listener
+FLAG_LOOP = "LOOP"                       # 508: the destination is this proxy's own listener
+FLAG_RATE_LIMITED = "RL"                 # 429: the route's local rate limit refused the request
 
 FLAGS = (FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_REQUEST_HEADER_TIMEOUT, FLAG_DOWNSTREAM_CLOSED, FLAG_NO_ROUTE,
          FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_TIMEOUT, FLAG_UPSTREAM_TERMINATED,
-         FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_DIRECT_RESPONSE, FLAG_LOOP)
+         FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_DIRECT_RESPONSE, FLAG_LOOP, FLAG_RATE_LIMITED)
 
 
 class HttpError(Exception):

@@ -55,7 +55,15 @@ class _TcpCollector:
                                       "Safe bodiless requests sent again on a fresh connection because the "
                                       "reused keep-alive connection they went out on closed unanswered.",
                                       labels=["listener"])
+        limited = CounterMetricFamily("sidecar_http_rate_limit_decisions",
+                                      "Requests checked by a route's local rate limit, by decision "
+                                      "(would_limit: refused in shadow mode, let through).",
+                                      labels=["listener", "route", "decision"])
         for state in self._states():
+            for route, limiter in state.rate_limits.items():
+                limited.add_metric([state.name, route, "allowed"], limiter.allowed)
+                limited.add_metric([state.name, route, "limited"], limiter.limited)
+                limited.add_metric([state.name, route, "would_limit"], limiter.would_limit)
             if state.http_requests or state.http_resends:
                 resends.add_metric([state.name], state.http_resends)
             for (code, flag), count in state.http_requests.items():
@@ -73,7 +81,7 @@ class _TcpCollector:
             rx.add_metric(name, state.closed_rx + sum(c.down.nbytes for c in conns))
             tx.add_metric(name, state.closed_tx + sum(c.up.nbytes for c in conns if c.up is not None))
             buffered.add_metric(name, sum(c.buffered() for c in conns))
-        return [opened, closed, active, refused, rx, tx, buffered, detections, http, resends]
+        return [opened, closed, active, refused, rx, tx, buffered, detections, http, resends, limited]
 
 
 class Metrics:

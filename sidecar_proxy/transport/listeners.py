@@ -14,12 +14,14 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from ..config.model import PASSTHROUGH, Cluster, Config, Listener
 from ..config.snapshot import Snapshot, UpdateRejected
 from ..protocols.http1.runtime import HttpRuntime
 from ..protocols.http1.exchange import RequestIds
+from ..policies.rate_limit import RateLimiters
 from ..routing.table import RouteTable
 from ..upstream.balancer import make_picker
 from ..upstream.pool import PoolManager
@@ -42,7 +44,7 @@ class ListenerState:
     """
 
     __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused", "detections",
-                 "http_requests", "http_resends")
+                 "http_requests", "http_resends", "rate_limits")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -55,6 +57,7 @@ class ListenerState:
         self.detections: dict[str, int] = {}  # "auto" listeners: tls/http2/http1/opaque/timeout/opaque_port
         self.http_requests: dict[tuple[int, str], int] = {}  # (status // 100, response flag or "-")
         self.http_resends = 0  # requests sent again after a reused upstream connection closed under them
+        self.rate_limits: dict = {}  # route name -> LocalRateLimit (its counters are read at scrape time)
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -76,7 +79,8 @@ class ListenerRuntime:
     def __init__(self, listener: Listener, config: Config, state: ListenerState,
                  loop: asyncio.AbstractEventLoop, own_ports: frozenset[int], snapshot_version: int,
                  metrics: Metrics, log_throttle: Throttle, pools: PoolManager,
-                 request_ids: RequestIds | None = None, codec_override: str | None = None) -> None:
+                 request_ids: RequestIds | None = None, codec_override: str | None = None,
+                 rate_limiters: RateLimiters | None = None) -> None:
         self.listener = listener
         self.state = state
         self.loop = loop
@@ -90,7 +94,7 @@ class ListenerRuntime:
         if listener.protocol in ("http", "auto"):
             self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, log_throttle,
                                     request_ids or RequestIds(), self.connect_seconds, self.connect_failures,
-                                    codec_override)
+                                    rate_limiters or RateLimiters(time.monotonic), codec_override)
             table = self.http.table
             self.clusters = self.http.clusters
             self.pickers = self.http.pickers
@@ -193,6 +197,7 @@ class ListenerManager:
         self.codec_override = codec_override  # `run --http1-codec`: every listener's http.codec
         self.pools = PoolManager(loop)
         self.request_ids = RequestIds()  # one x-request-id sequence per process, across snapshots
+        self.rate_limiters = RateLimiters(time.monotonic)  # route buckets, across snapshots
         self.states: dict[str, ListenerState] = {}
         self._bound: dict[str, _Bound] = {}
         self._runtimes: dict[str, ListenerRuntime] = {}
@@ -213,7 +218,7 @@ class ListenerManager:
             try:
                 runtimes[name] = ListenerRuntime(listener, config, state, self.loop, own_ports, new.version,
                                                  self.metrics, self.log_throttle, self.pools, self.request_ids,
-                                                 self.codec_override)
+                                                 self.codec_override, self.rate_limiters)
             except ValueError as exc:  # an http1 codec that is not installed
                 raise UpdateRejected([(f"listeners.{name}.http.codec", str(exc))]) from None
         to_bind = [l for n, l in config.listeners.items()
@@ -248,6 +253,11 @@ class ListenerManager:
         async def commit() -> None:
             for name, rt in runtimes.items():
                 self.states.setdefault(name, rt.state)
+                rt.state.rate_limits = {route.name: limit[0] for route, limit in rt.http.rate_limits.items()} \
+                    if rt.http is not None else {}
+            self.rate_limiters.keep_only({(name, route.name, route.route.rate_limit)
+                                          for name, rt in runtimes.items() if rt.http is not None
+                                          for route in rt.http.rate_limits})
             self._runtimes = runtimes
             pending, self._pending = self._pending, {}
             for name, bound in pending.items():

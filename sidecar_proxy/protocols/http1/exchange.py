@@ -17,10 +17,11 @@ import time
 from typing import TYPE_CHECKING
 
 from ...addr import format_addr
+from ...policies.rate_limit import rate_limit_headers
 from ...transport.original_dst import is_own_listener
 from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_DIRECT_RESPONSE,
                       FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_LOOP, FLAG_NO_ROUTE,
-                      FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED,
+                      FLAG_RATE_LIMITED, FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED,
                       FLAG_UPSTREAM_TIMEOUT, HttpError, Request, Response)
 from . import make_parser
 from .serialize import (InvalidHeader, chunk, field_line, forward_response_head, last_chunk, local_response,
@@ -209,6 +210,10 @@ class Exchange:
             cluster = rt.passthrough
         else:
             self.route = route
+            if rt.rate_limits:
+                limit = rt.rate_limits.get(route)
+                if limit is not None and self._rate_limited(limit):
+                    return
             kind = route.kind
             if kind != "cluster":
                 if kind == "direct_response":
@@ -239,6 +244,19 @@ class Exchange:
         else:
             session.block(BLOCK_WAITING)
             self.connect_task = session.loop.create_task(self._connect(pool, cluster, target))
+
+    def _rate_limited(self, limit: tuple) -> bool:
+        """The route's local rate limit: True when it refused the request (answered 429)."""
+        limiter, by_client, header, quota, window = limit
+        key = self.session.peer_ip if by_client else (self.req.header(header) if header is not None else None)
+        decision = limiter.check(key)
+        if decision.allowed:
+            return False
+        self.flag = FLAG_RATE_LIMITED
+        self.status = 429
+        self._local_write(429, b"rate limited\n", b"text/plain", rate_limit_headers(decision, quota, window),
+                          close=not self.req_ended and self.req.framing != BODY_NONE)
+        return True
 
     async def _connect(self, pool: Pool, cluster, target: tuple[str, int]) -> None:
         session = self.session

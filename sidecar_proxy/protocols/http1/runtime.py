@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ...config.model import PASSTHROUGH, Cluster, Config, Listener
 from ...logs import Throttle
+from ...policies.rate_limit import RateLimiters
 from ...routing.table import RouteTable
 from ...upstream.balancer import make_picker
 from ...upstream.pool import Pool, PoolManager
@@ -37,12 +38,12 @@ class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
-                 "edits")
+                 "edits", "rate_limits")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
                  connect_seconds: Callable[[str], object], connect_failures: Callable[[str, str], None],
-                 codec_override: str | None = None) -> None:
+                 rate_limiters: RateLimiters, codec_override: str | None = None) -> None:
         opts = listener.http
         self.name = listener.name
         self.loop = loop
@@ -71,6 +72,15 @@ class HttpRuntime:
         # What forwarding needs of each route, made once: the field names to
         # drop and the checked field lines to add, each way. Key None: no route.
         self.edits: dict = {None: RouteEdits(HOP_BY_HOP, b"", HOP_BY_HOP, b"")}
+        # Routes with a rate_limit: (limiter, key kind, header name, ratelimit-* quota and window).
+        self.rate_limits: dict = {}
+        for route in self.table.routes:
+            rl = route.route.rate_limit
+            if rl is not None:
+                limiter = rate_limiters.get(listener.name, route.name, rl)
+                header = rl.key[7:].encode() if rl.key is not None and rl.key.startswith("header:") else None
+                self.rate_limits[route] = (limiter, rl.key == "client_ip", header, rl.burst,
+                                      rl.burst / rl.requests_per_second)
         for route in self.table.routes:
             self.edits[route] = RouteEdits(HOP_BY_HOP | route.request_remove,
                                            field_lines(route.request_set + route.request_add),
