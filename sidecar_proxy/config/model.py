@@ -29,6 +29,10 @@ DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
 
 INTERCEPTION_MODES = ("redirect", "tproxy")
 
+# Seconds from a request's end to its response head, then 504: a route's
+# `timeout` default, and what requests that matched no route get.
+DEFAULT_ROUTE_TIMEOUT = 15.0
+
 LB_POLICIES_SUPPORTED = ("round_robin",)
 LB_POLICIES_PLANNED = ("least_request", "random")
 
@@ -257,7 +261,7 @@ class Route:
     response_headers: HeaderRewrite = HeaderRewrite()
     host_rewrite: str | None = None   # host[:port] sent upstream instead of the request's
     # Upstream response timeout (to the response head), then 504; 0 = none.
-    timeout: float = 15.0
+    timeout: float = DEFAULT_ROUTE_TIMEOUT
     rate_limit: RateLimit | None = None
 
     @property

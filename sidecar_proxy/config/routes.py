@@ -85,7 +85,7 @@ def _route(err: Errors, path: str, default_name: str, doc: Any, cluster_names: C
     request_headers = _rewrite(err, join(path, "request_headers"), doc.get("request_headers"))
     response_headers = _rewrite(err, join(path, "response_headers"), doc.get("response_headers"))
     host_rewrite = get(err, path, doc, "host_rewrite", str, default=None, check=authority_check)
-    timeout = get_parsed(err, path, doc, "timeout", parse_duration, 15.0,
+    timeout = get_parsed(err, path, doc, "timeout", parse_duration, model.DEFAULT_ROUTE_TIMEOUT,
                          lambda v: None if v <= MAX_TIMEOUT else "must be at most 24h (0s disables it)")
     rate_limit = _rate_limit(err, join(path, "rate_limit"), doc.get("rate_limit"))
     if len(err.items) > before:

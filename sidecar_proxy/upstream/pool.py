@@ -40,7 +40,7 @@ PEEK_AFTER = 0.25
 class UpstreamConn(asyncio.Protocol):
     """One upstream TCP connection; forwards events to the exchange that owns it."""
 
-    __slots__ = ("pool", "transport", "owner", "dead", "idle_since", "requests", "sock", "parser")
+    __slots__ = ("pool", "transport", "owner", "dead", "idle_since", "sock", "parser")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -48,7 +48,6 @@ class UpstreamConn(asyncio.Protocol):
         self.owner = None  # the exchange using it, None while idle
         self.dead = False
         self.idle_since = 0.0
-        self.requests = 0
         self.sock: socket.socket | None = None  # a view of the fd for MSG_PEEK, made on first probe
         self.parser = None  # the response parser, kept for the connection's life
 
@@ -239,9 +238,6 @@ class PoolManager:
     def _empty(self, pool: Pool) -> None:
         if self.pools.get(pool.key) is pool and not pool.idle and pool.active == 0:
             del self.pools[pool.key]
-
-    def idle_count(self) -> int:
-        return sum(len(p.idle) for p in self.pools.values())
 
     def close_idle(self) -> None:
         for pool in list(self.pools.values()):

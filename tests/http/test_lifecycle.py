@@ -140,3 +140,24 @@ def test_a_keepalive_connection_stays_usable_after_each_kind_of_local_answer(tmp
         origin.close()
         silent.close()
         assert proxy.stop() == 0
+
+
+def test_a_refused_client_that_never_closes_is_let_go_after_the_linger(tmp_path, codec):
+    """After a 400 the proxy half-closes and keeps reading for LINGER (2 s) so the client can read
+    the answer; a client that neither closes nor stops sending is then closed on, not kept forever."""
+    origin = ThreadedServer(slow_origin(0.0))
+    proxy = Proxy(config(origin.port, codec), tmp_path).wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            answer = recv_all(c)  # the 400, then our side's FIN
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            began = time.monotonic()
+            c.sendall(b"more bytes the proxy reads and drops")
+            while proxy.metric("sidecar_tcp_connections_active", listener="web") > 0:
+                assert time.monotonic() - began < 5, "the lingering connection was not closed"
+                time.sleep(0.05)
+            assert 1.5 < time.monotonic() - began, "closed before the linger (a reset could eat the answer)"
+    finally:
+        origin.close()
+        assert proxy.stop() == 0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ...addr import format_addr
 from ...policies.rate_limit import rate_limit_headers
+from ...transport.relay import connect_failure_reason
 from ...transport.original_dst import is_own_listener
 from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_DIRECT_RESPONSE,
                       FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_LOOP, FLAG_NO_ROUTE,
@@ -64,6 +65,7 @@ _OUT_RAW = 1       # as received (Content-Length, or close-delimited to an HTTP/
 _OUT_CHUNKED = 2   # re-chunked (chunked or close-delimited upstream, HTTP/1.1 client)
 
 _STATUS_REASONS = {400: "bad request", 404: "no route", 408: "request header timeout", 414: "URI too long",
+                   508: "loop detected",
                    431: "request header fields too large", 501: "not implemented", 502: "bad gateway",
                    503: "upstream unavailable", 504: "upstream timeout"}
 
@@ -101,7 +103,7 @@ class Exchange:
 
     __slots__ = ("session", "req", "route", "cluster", "pool", "conn", "rparser", "pending", "req_ended",
                  "trailers", "head_sent", "req_sent", "resp_started", "resp_done", "out", "reuse",
-                 "close_after", "deadline", "upgrade_rest", "status", "flag", "upstream_addr", "began",
+                 "close_after", "deadline", "status", "flag", "upstream_addr",
                  "connect_task", "finished", "upstream_paused", "held", "cluster_config", "reused",
                  "answered", "resent", "head_bytes")
 
@@ -124,11 +126,9 @@ class Exchange:
         self.reuse = False                        # the upstream connection may be pooled after this
         self.close_after = False                  # the downstream connection closes after this response
         self.deadline = 0.0                       # loop time the response head is due by; 0: not waiting
-        self.upgrade_rest: bytes | None = None
         self.status = 0
         self.flag = "-"
         self.upstream_addr: tuple[str, int] | None = None
-        self.began = time.perf_counter()
         self.connect_task: asyncio.Task | None = None
         self.finished = False
         self.upstream_paused = False
@@ -276,7 +276,6 @@ class Exchange:
             self.connect_task = None
             if not session.queue:
                 session.unblock(BLOCK_WAITING)  # the connection stays usable after the 503
-            from ...transport.relay import connect_failure_reason
             reason = connect_failure_reason(exc)
             rt.connect_failures(cluster.name, reason)
             if not self.finished:
@@ -308,7 +307,6 @@ class Exchange:
             return
         self.conn = conn
         conn.owner = self
-        conn.requests += 1
         parser = conn.parser
         if parser is None:
             parser = conn.parser = make_parser(session.rt.codec, "response", self, session.rt.limits)
@@ -514,8 +512,7 @@ class Exchange:
         connection = resp.header(b"connection") if not keep_upgrade else None
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        raw = resp.raw
-        block = raw[raw.find(b"\r\n") + 2:-2] if raw is not None else received_block(resp)
+        block = received_block(resp)
         headers = resp.headers
         if not drop.isdisjoint([field[0] for field in headers]):
             block = without(block, headers, drop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Callable
 
-from ...config.model import PASSTHROUGH, Cluster, Config, Listener
+from ...config.model import DEFAULT_ROUTE_TIMEOUT, PASSTHROUGH, Cluster, Config, Listener
 from ...logs import Throttle
 from ...policies.rate_limit import RateLimiters
 from ...routing.table import RouteTable
@@ -59,7 +59,7 @@ class HttpRuntime:
         self.pools = pools
         self.buffer_limit = listener.buffer_limit
         self.header_timeout = opts.request_header_timeout
-        self.default_timeout = 15.0  # requests that matched no route (transparent passthrough)
+        self.default_timeout = DEFAULT_ROUTE_TIMEOUT  # requests that matched no route (transparent passthrough)
         self.add_xff = opts.x_forwarded_for
         self.add_xfp = opts.x_forwarded_proto
         self.add_request_id = opts.request_id

@@ -1,15 +1,13 @@
 """HTTP/1.1 bytes the proxy writes: heads, chunks, and its own responses.
 
-Everything written is validated again, whatever produced it (a parsed head,
-a route's header rules, a policy): a CR, LF, NUL or other CTL in a value, or
-a name that is not a token, would let one field become two on the wire.
-
-The check is one precompiled regex over the start line's parts and all the
-fields, not one per field: they are joined with separators that no valid
-name or value contains (NUL between name and value, LF between fields), so
-the regex sees the structure, and the LF count proves no value smuggled one
-in; two ``replace`` calls then give the wire form. About 1.8 us for a
-request line and 8 fields (benchmarks/codec_bench.py).
+Nothing unchecked is written: a CR, LF, NUL or other CTL in a value, or a
+name that is not a token, would let one field become two on the wire.
+Every field the proxy writes goes through ``field_line`` (two regex
+matches). Lines written on every request are made once and reused: the
+proxy's own fields per connection or process, a route's additions per
+snapshot. Field lines forwarded unchanged (``received_block``) are the
+bytes the codec already checked by the same rules, so the hot path writes
+a received head with one slice and its request or status line check.
 """
 from __future__ import annotations
 
@@ -18,12 +16,6 @@ from http import HTTPStatus
 
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
-_FIELDS = rb"(?:\n[%s]+\x00%s)*" % (_TCHAR, _VALUE)
-# What each writer checks in one match: the start line's variable parts,
-# then the fields joined as "\n" name NUL value.
-_REQUEST_RE = re.compile(rb"[%s]+ [\x21-\x7e]+%s" % (_TCHAR, _FIELDS))
-_RESPONSE_RE = re.compile(_VALUE + _FIELDS)
-_TRAILERS_RE = re.compile(_FIELDS)
 _FIELD_NAME_RE = re.compile(rb"[%s]+" % _TCHAR)
 _FIELD_VALUE_RE = re.compile(_VALUE)
 _METHOD_RE = _FIELD_NAME_RE
@@ -38,58 +30,16 @@ class InvalidHeader(ValueError):
     """A method, target, status, reason, field name or value that must not be written."""
 
 
-def _joined(headers) -> bytes:
-    """The fields as "\n" name NUL value..., the form the regexes check."""
-    if not headers:
-        return b""
-    return b"\n" + b"\n".join(map(b"\x00".join, headers))
-
-
-def _wire(joined: bytes) -> bytes:
-    return joined.replace(b"\x00", b": ").replace(b"\n", b"\r\n")
-
-
-def _culprit(headers, start_line: bool = True) -> None:
-    """Raise InvalidHeader naming the first bad field (the slow path)."""
-    for name, value in headers:
-        if _FIELD_NAME_RE.fullmatch(name) is None:
-            raise InvalidHeader(f"invalid header name {name!r}")
-        if _FIELD_VALUE_RE.fullmatch(value) is None:
-            raise InvalidHeader(f"invalid value for header {name!r}")
-    raise InvalidHeader("invalid start line" if start_line else "invalid header fields")
-
-
 def request_head(method: bytes, target: bytes, headers) -> bytes:
     """``METHOD SP target SP HTTP/1.1 CRLF`` + fields + CRLF; names are
     written as given."""
-    joined = _joined(headers)
-    checked = b"%s %s%s" % (method, target, joined)
-    # The LF count proves no value (or method, target) brought its own.
-    if checked.count(b"\n") != len(headers) or _REQUEST_RE.fullmatch(checked) is None:
-        if _METHOD_RE.fullmatch(method) is None:
-            raise InvalidHeader(f"invalid method {method!r}")
-        if _TARGET_RE.fullmatch(target) is None:
-            raise InvalidHeader(f"invalid request target {target!r}")
-        _culprit(headers)
-    return b"%s %s HTTP/1.1%s\r\n\r\n" % (method, target, _wire(joined))
+    return forward_request_head(method, target, b"", field_lines(headers))
 
 
 def response_head(status: int, reason: bytes, headers, version: bytes = b"1.1") -> bytes:
     """``HTTP/1.x SP status SP reason CRLF`` + fields + CRLF. An empty
     reason becomes the standard phrase of ``status`` (or stays empty)."""
-    if not 100 <= status <= 999:
-        raise InvalidHeader(f"invalid status {status!r}")
-    if version not in _VERSIONS:
-        raise InvalidHeader(f"invalid HTTP version {version!r}")
-    if not reason:
-        reason = REASONS.get(status, b"")
-    joined = _joined(headers)
-    checked = reason + joined
-    if checked.count(b"\n") != len(headers) or _RESPONSE_RE.fullmatch(checked) is None:
-        if _FIELD_VALUE_RE.fullmatch(reason) is None:
-            raise InvalidHeader(f"invalid reason phrase {reason!r}")
-        _culprit(headers)
-    return b"HTTP/%s %d %s%s\r\n\r\n" % (version, status, reason, _wire(joined))
+    return forward_response_head(status, reason, b"", field_lines(headers), version)
 
 
 def received_block(head) -> bytes:
@@ -102,11 +52,7 @@ def received_block(head) -> bytes:
     """
     raw = head.raw
     if raw is None:
-        headers = head.headers
-        joined = _joined(headers)
-        if joined.count(b"\n") != len(headers) or _TRAILERS_RE.fullmatch(joined) is None:
-            _culprit(headers, start_line=False)
-        return _wire(joined)[2:] + b"\r\n" if headers else b""
+        return field_lines(head.headers)
     return raw[raw.find(b"\r\n") + 2:-2]
 
 
@@ -146,15 +92,17 @@ def forward_request_head(method: bytes, target: bytes, block: bytes, added: byte
     return b"%s HTTP/1.1\r\n%s%s\r\n" % (line, block, added)
 
 
-def forward_response_head(status: int, reason: bytes, block: bytes, added: bytes) -> bytes:
-    """A forwarded response head (HTTP/1.1): as forward_request_head."""
+def forward_response_head(status: int, reason: bytes, block: bytes, added: bytes, version: bytes = b"1.1") -> bytes:
+    """A forwarded response head: as forward_request_head."""
     if not 100 <= status <= 999:
         raise InvalidHeader(f"invalid status {status!r}")
+    if version not in _VERSIONS:
+        raise InvalidHeader(f"invalid HTTP version {version!r}")
     if not reason:
         reason = REASONS.get(status, b"")
     elif _FIELD_VALUE_RE.fullmatch(reason) is None:
         raise InvalidHeader(f"invalid reason phrase {reason!r}")
-    return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, block, added)
+    return b"HTTP/%s %d %s\r\n%s%s\r\n" % (version, status, reason, block, added)
 
 
 def chunk(data: bytes) -> bytes:
@@ -167,10 +115,7 @@ def last_chunk(trailers=None) -> bytes:
     """The end of a chunked body, with its trailer fields."""
     if not trailers:
         return b"0\r\n\r\n"
-    joined = _joined(trailers)
-    if joined.count(b"\n") != len(trailers) or _TRAILERS_RE.fullmatch(joined) is None:
-        _culprit(trailers, start_line=False)
-    return b"0%s\r\n\r\n" % _wire(joined)
+    return b"0\r\n%s\r\n" % field_lines(trailers)
 
 
 def local_response(status: int, body: bytes = b"", headers=(), close: bool = False) -> bytes:

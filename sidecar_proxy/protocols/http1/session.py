@@ -34,6 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ...addr import format_addr
+from ...transport.relay import abort_with_rst
 from ..events import BODY_CHUNKED, FLAG_DOWNSTREAM_CLOSED, FLAG_REQUEST_HEADER_TIMEOUT, HttpError, Request
 from . import make_parser
 from .exchange import (BLOCK_UPGRADE, BLOCK_WAITING, CHUNKED_LINE, PLAIN_CONNECTION, PROXY_FIELDS, REFUSED,
@@ -277,8 +278,7 @@ class Session(asyncio.Protocol):
         connection = req.header(b"connection")
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        raw = req.raw
-        block = raw[raw.find(b"\r\n") + 2:-2] if raw is not None else received_block(req)
+        block = received_block(req)
         names = [field[0] for field in headers]
         host_rewrite = route.host_rewrite if route is not None else None
         xff = xfp = rid = False
@@ -446,7 +446,6 @@ class Session(asyncio.Protocol):
 
     def reset(self) -> None:
         if not self.lost:
-            from ...transport.relay import abort_with_rst
             abort_with_rst(self.transport)
 
     def log_local(self, ex: Exchange | None, status: int, flag: str, detail: str) -> None:
