@@ -6,7 +6,9 @@ holds, so a dump can be edited and posted back.
 """
 from __future__ import annotations
 
-from .model import Cluster, Config, HeaderRewrite, HttpOptions, Listener, Match, Route
+from dataclasses import asdict
+
+from .model import Cluster, Config, HeaderRewrite, HttpOptions, Listener, Match, Retry, Route
 from ..addr import format_addr
 
 
@@ -43,7 +45,14 @@ def _cluster(c: Cluster) -> dict:
     doc = {"original_destination": c.original_destination,
            "connect_timeout": format_duration(c.connect_timeout), "lb": c.lb,
            "pool": {"max_idle_per_endpoint": c.pool.max_idle_per_endpoint,
-                    "idle_timeout": format_duration(c.pool.idle_timeout)}}
+                    "idle_timeout": format_duration(c.pool.idle_timeout)},
+           "circuit_breakers": asdict(c.circuit_breakers), "retry_budget": asdict(c.retry_budget)}
+    if c.outlier_detection is not None:
+        o = c.outlier_detection
+        doc["outlier_detection"] = {
+            "consecutive_5xx": o.consecutive_5xx, "consecutive_gateway_failure": o.consecutive_gateway_failure,
+            "base_ejection_time": format_duration(o.base_ejection_time),
+            "max_ejection_time": format_duration(o.max_ejection_time), "max_ejection_percent": o.max_ejection_percent}
     if c.endpoints:
         doc["endpoints"] = [{"address": format_addr((e.host, e.port)), "weight": e.weight} for e in c.endpoints]
     return doc
@@ -68,6 +77,14 @@ def _rewrite(r: HeaderRewrite) -> dict:
     return {"add": dict(r.add), "set": dict(r.set), "remove": list(r.remove)}
 
 
+def _retry(r: Retry) -> dict:
+    return {"on": list(r.on), "statuses": list(r.statuses), "attempts": r.attempts,
+            "per_try_timeout": format_duration(r.per_try_timeout),
+            "backoff": {"base": format_duration(r.backoff_base), "cap": format_duration(r.backoff_cap)},
+            "max_retry_after": format_duration(r.max_retry_after), "buffer_limit": r.buffer_limit,
+            "retry_non_idempotent": r.retry_non_idempotent}
+
+
 def _route(r: Route) -> dict:
     doc: dict = {"name": r.name, "match": _match(r.match)}
     if r.cluster is not None:
@@ -89,6 +106,8 @@ def _route(r: Route) -> dict:
             doc["host_rewrite"] = r.host_rewrite
         if r.request_headers:
             doc["request_headers"] = _rewrite(r.request_headers)
+        if r.retry is not None:
+            doc["retry"] = _retry(r.retry)
     if r.response_headers:
         doc["response_headers"] = _rewrite(r.response_headers)
     if r.rate_limit is not None:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..addr import split_host_port
-from . import http_options, model, routes as route_tables
+from . import http_options, model, resilience, routes as route_tables
 from .fields import (ConfigError, Errors, check_keys as _check_fields, describe, get, get_parsed, ip_check, join,
                      mapping_section, name_check, parse_duration, parse_size, port_check, positive)
 
@@ -33,7 +33,7 @@ MAX_DOCUMENT_BYTES = 4 << 20
 _PLANNED = {
     "": {"tls", "telemetry"},
     "listener": {"tls"},
-    "cluster": {"circuit_breakers", "outlier_detection", "tls"},
+    "cluster": {"tls"},
 }
 
 
@@ -152,7 +152,8 @@ def _endpoint(err: Errors, path: str, doc: Any) -> model.Endpoint | None:
     return model.Endpoint(host, port, weight)
 
 
-_CLUSTER_KEYS = {"endpoints", "original_destination", "connect_timeout", "lb", "pool"}
+_CLUSTER_KEYS = {"endpoints", "original_destination", "connect_timeout", "lb", "pool", "circuit_breakers",
+                 "retry_budget", "outlier_detection"}
 
 
 def _cluster(err: Errors, name: str, doc: Any) -> model.Cluster | None:
@@ -181,14 +182,18 @@ def _cluster(err: Errors, name: str, doc: Any) -> model.Cluster | None:
             return None
         if value in model.LB_POLICIES_PLANNED:
             return f"'{value}' is not supported by this build yet (supported: {', '.join(model.LB_POLICIES_SUPPORTED)})"
-        return f"'{value}' is not a load balancing policy"
+        return f"'{value}' is not a load balancing policy (one of: {', '.join(model.LB_POLICIES_SUPPORTED)})"
 
     lb = get(err, path, doc, "lb", str, default="round_robin", check=lb_check)
     pool = http_options.cluster_pool(err, join(path, "pool"), doc.get("pool"))
+    breakers = resilience.cluster_circuit_breakers(err, join(path, "circuit_breakers"), doc.get("circuit_breakers"))
+    budget = resilience.cluster_retry_budget(err, join(path, "retry_budget"), doc.get("retry_budget"))
+    outliers = resilience.cluster_outlier_detection(err, join(path, "outlier_detection"), doc.get("outlier_detection"))
     if len(err.items) > before:
         return None
     return model.Cluster(name=name, endpoints=tuple(endpoints), original_destination=original,
-                         connect_timeout=timeout, lb=lb, pool=pool)
+                         connect_timeout=timeout, lb=lb, pool=pool, circuit_breakers=breakers, retry_budget=budget,
+                         outlier_detection=outliers)
 
 
 def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str, model.Listener]) -> None:

@@ -33,8 +33,11 @@ INTERCEPTION_MODES = ("redirect", "tproxy")
 # `timeout` default, and what requests that matched no route get.
 DEFAULT_ROUTE_TIMEOUT = 15.0
 
-LB_POLICIES_SUPPORTED = ("round_robin",)
-LB_POLICIES_PLANNED = ("least_request", "random")
+LB_POLICIES_SUPPORTED = ("round_robin", "least_request", "random")
+LB_POLICIES_PLANNED: tuple[str, ...] = ()
+
+# Outcomes a route's retry may name in `on` (status codes go in `statuses`).
+RETRY_CONDITIONS = ("connect-failure", "refused-stream", "reset", "5xx", "gateway-error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,48 @@ class PoolOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    """Caps on what a cluster has in flight; beyond one, the request fails fast instead of queueing.
+
+    Envoy's defaults, except max_retries: the retry budget is what bounds
+    retries by default, this only a hard ceiling over it.
+    """
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Concurrent retries allowed as ``percent`` of the cluster's active requests, at least ``min_retries``.
+
+    Scales with load, unlike a fixed cap, so a failing upstream cannot be
+    hit with attempts-times its traffic (a retry storm).
+    """
+
+    percent: float = 20.0
+    min_retries: int = 3   # lets a quiet cluster retry at all
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Eject an endpoint after consecutive failures (passive health checking).
+
+    An ejection lasts base_ejection_time times the endpoint's number of
+    ejections, at most max_ejection_time; at most max_ejection_percent of the
+    endpoints are out at once.
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5   # 502, 503, 504 and connect failures
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     endpoints: tuple[Endpoint, ...] = ()
@@ -145,6 +190,9 @@ class Cluster:
     connect_timeout: float = 5.0
     lb: str = "round_robin"
     pool: PoolOptions = PoolOptions()
+    circuit_breakers: CircuitBreakers = CircuitBreakers()
+    retry_budget: RetryBudget = RetryBudget()
+    outlier_detection: OutlierDetection | None = None   # None: disabled
 
 
 # Where transparent traffic that no route claims goes: the connection's
@@ -249,6 +297,30 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """When and how a forwarding route tries again.
+
+    ``attempts`` counts every try, the first included, so 1 means never
+    retry. A request body is replayed only if it fit in ``buffer_limit``;
+    without ``retry_non_idempotent`` a POST, PATCH or unknown method is
+    retried only when none of its bytes reached the upstream (it cannot have
+    had an effect there).
+    """
+
+    on: tuple[str, ...] = ("connect-failure", "refused-stream", "reset")   # of RETRY_CONDITIONS
+    statuses: tuple[int, ...] = ()       # response codes retried besides those `on` implies
+    attempts: int = 2
+    per_try_timeout: float = 0.0         # 0: only the route timeout bounds the tries
+    # Full-jitter exponential backoff between tries, capped; YAML backoff: {base, cap}.
+    backoff_base: float = 0.025
+    backoff_cap: float = 0.25
+    # An upstream's Retry-After is honoured up to this, so it cannot park a request.
+    max_retry_after: float = 1.0
+    buffer_limit: int = 65536
+    retry_non_idempotent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     match: Match
     cluster: str | None = None
@@ -263,6 +335,7 @@ class Route:
     # Upstream response timeout (to the response head), then 504; 0 = none.
     timeout: float = DEFAULT_ROUTE_TIMEOUT
     rate_limit: RateLimit | None = None
+    retry: Retry | None = None   # None: one try
 
     @property
     def action(self) -> str:

@@ -1,8 +1,8 @@
 """``route_tables``: document -> ``tuple[model.Route, ...]``, and the checks between tables and listeners.
 
 A route is ``match`` + exactly one action (``cluster``, ``weighted_clusters``,
-``direct_response``, ``redirect``) + optional header rewrites, host rewrite
-and timeout. Errors name the document path, e.g.
+``direct_response``, ``redirect``) + optional header rewrites, host rewrite,
+timeout and retry (resilience.py). Errors name the document path, e.g.
 ``route_tables.outbound[2].match.path_regex: invalid regex: ...``.
 """
 from __future__ import annotations
@@ -13,14 +13,16 @@ import re
 from typing import Any, Collection
 
 from . import model
+from .dump import format_duration
 from .fields import (Errors, check_keys, describe, get, get_parsed, header_value_check, join, parse_duration,
                      split_host_pattern, token_check)
 from .matches import authority_check, match as parse_match, normal_authority, path_check
+from .resilience import route_retry
 
 # Keys of later issues: "not supported by this build yet", not "unknown key".
-_PLANNED_ROUTE = {"retry", "authorization"}
+_PLANNED_ROUTE = {"authorization"}
 _ROUTE_KEYS = {"name", "match", "cluster", "weighted_clusters", "direct_response", "redirect",
-               "request_headers", "response_headers", "host_rewrite", "timeout", "rate_limit"}
+               "request_headers", "response_headers", "host_rewrite", "timeout", "rate_limit", "retry"}
 _REWRITE_KEYS = {"add", "set", "remove"}
 
 # Connection-level and framing fields: the codec and the session own them,
@@ -79,7 +81,7 @@ def _route(err: Errors, path: str, default_name: str, doc: Any, cluster_names: C
 
     forwards = bool(actions) and actions[0] in ("cluster", "weighted_clusters")
     if actions and not forwards:
-        for key in ("request_headers", "host_rewrite", "timeout"):
+        for key in ("request_headers", "host_rewrite", "timeout", "retry"):
             if doc.get(key) is not None:
                 err.add(join(path, key), f"applies only to routes that send to a cluster, not to {actions[0]}")
     request_headers = _rewrite(err, join(path, "request_headers"), doc.get("request_headers"))
@@ -88,13 +90,17 @@ def _route(err: Errors, path: str, default_name: str, doc: Any, cluster_names: C
     timeout = get_parsed(err, path, doc, "timeout", parse_duration, model.DEFAULT_ROUTE_TIMEOUT,
                          lambda v: None if v <= MAX_TIMEOUT else "must be at most 24h (0s disables it)")
     rate_limit = _rate_limit(err, join(path, "rate_limit"), doc.get("rate_limit"))
+    retry = route_retry(err, join(path, "retry"), doc.get("retry"))
+    if retry is not None and timeout and retry.per_try_timeout > timeout:
+        err.add(join(path, "retry.per_try_timeout"), f"is longer than the route timeout ({format_duration(timeout)}), "
+                                                     "which bounds all the tries together")
     if len(err.items) > before:
         return None
     return model.Route(match=match, cluster=cluster, weighted_clusters=weighted or (), direct_response=direct,
                        redirect=redirect, name=name, request_headers=request_headers,
                        response_headers=response_headers,
                        host_rewrite=normal_authority(host_rewrite) if host_rewrite is not None else None,
-                       timeout=timeout, rate_limit=rate_limit)
+                       timeout=timeout, rate_limit=rate_limit, retry=retry)
 
 
 def _rate_limit(err: Errors, path: str, doc: Any) -> model.RateLimit | None:

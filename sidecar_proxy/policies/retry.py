@@ -78,7 +78,7 @@ class RetryPolicy:
 
     __slots__ = ("on", "statuses", "attempts", "retries", "per_try_timeout", "base", "cap",
                  "retry_after_cap", "buffer_limit", "retry_non_idempotent",
-                 "_connection_on", "_retry_statuses")
+                 "_connection_on", "retry_statuses")
 
     def __init__(self, on: frozenset, statuses: frozenset[int], attempts: int,
                  per_try_timeout: float, base: float = 0.025, cap: float = 0.25,
@@ -92,8 +92,8 @@ class RetryPolicy:
             raise ValueError(f"retry statuses must be ints 100-599, got {bad}")
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts!r}")
-        if not per_try_timeout > 0:
-            raise ValueError(f"per_try_timeout must be > 0, got {per_try_timeout!r}")
+        if not per_try_timeout >= 0:
+            raise ValueError(f"per_try_timeout must be >= 0 (0: none), got {per_try_timeout!r}")
         if base < 0 or cap < 0 or retry_after_cap < 0:
             raise ValueError("base, cap and retry_after_cap must be >= 0")
         if buffer_limit < 0:
@@ -114,14 +114,14 @@ class RetryPolicy:
             codes |= SERVER_STATUSES
         if GATEWAY_ERROR in self.on:
             codes |= GATEWAY_STATUSES
-        self._retry_statuses = frozenset(codes)
+        self.retry_statuses = frozenset(codes)  # every response code retried (what `on` implies too)
 
     def retriable(self, outcome: str | None, status: int | None) -> bool:
         """Does this try's result call for another? ``outcome`` is a connection
         condition, or None when a response (``status``) arrived."""
         if outcome is not None:
             return outcome in self._connection_on
-        return status in self._retry_statuses
+        return status in self.retry_statuses
 
     def backoff(self, attempt: int, rand: Callable[[], float]) -> float:
         """Full jitter for retry number ``attempt`` (1 = first retry):
@@ -207,6 +207,15 @@ class RetryBudget:
 
     def can_retry(self) -> bool:
         if self.active_retries < self.limit():
+            return True
+        self.exhausted += 1
+        return False
+
+    def allows(self, active_requests: int, active_retries: int) -> bool:
+        """``can_retry`` on counts the caller keeps (the cluster's circuit
+        breaker gauges already count active requests and retries)."""
+        scaled = self.ratio * active_requests
+        if active_retries < (scaled if scaled > self.min_retries else self.min_retries):
             return True
         self.exhausted += 1
         return False

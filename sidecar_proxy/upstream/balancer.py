@@ -1,9 +1,8 @@
 """Endpoint choice for a cluster. Built once per snapshot, O(1) or O(n) per pick.
 
-``round_robin`` / ``make_picker`` serve ``lb: round_robin`` (the only policy
-config accepts today). ``random_pick`` and ``least_request`` are built the
-same way — once per snapshot from the cluster's endpoints and weights — and
-return ``pick(candidates=None)``:
+``make_picker`` builds the cluster's ``lb`` policy — ``round_robin``,
+``random_pick`` or ``least_request`` — once per snapshot from its endpoints
+and weights. Each returns ``pick(candidates=None)``:
 
 - ``candidates=None``: choose among all endpoints, O(log n) per pick.
 - ``candidates=<sequence>``: choose among that subset, typically
@@ -30,36 +29,64 @@ from typing import Callable, Sequence
 from ..config.model import Cluster
 
 
-def round_robin(cluster: Cluster) -> Callable[[], tuple[str, int]]:
+def round_robin(cluster: Cluster) -> Callable[..., tuple[str, int]]:
     """Plain rotation when weights are equal, smooth weighted RR otherwise.
 
     Smooth WRR spreads a heavy endpoint's turns out (a,b,a,c,a,b,a,...)
     instead of sending it a burst, so a weight change does not cause a spike.
+    ``pick(candidates)`` skips turns of endpoints not in ``candidates`` (at
+    most one full rotation; none of them known: an endpoint of all).
     """
     addrs = [(ep.host, ep.port) for ep in cluster.endpoints]
     weights = [ep.weight for ep in cluster.endpoints]
     if len(set(weights)) <= 1:
-        return itertools.cycle(addrs).__next__
-    total = sum(weights)
-    current = [0] * len(addrs)
+        turn = itertools.cycle(addrs).__next__
+    else:
+        total = sum(weights)
+        current = [0] * len(addrs)
 
-    def pick() -> tuple[str, int]:
-        best = 0
-        for i, w in enumerate(weights):
-            current[i] += w
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        return addrs[best]
+        def turn() -> tuple[str, int]:
+            best = 0
+            for i, w in enumerate(weights):
+                current[i] += w
+                if current[i] > current[best]:
+                    best = i
+            current[best] -= total
+            return addrs[best]
 
+    n = len(addrs)
+
+    def pick(candidates: Sequence[tuple[str, int]] | None = None) -> tuple[str, int]:
+        if candidates is None:
+            return turn()
+        for _ in range(n):
+            addr = turn()
+            if addr in candidates:
+                return addr
+        return turn()
+
+    pick.turn = turn  # pick() without candidates, minus a call: for the per-request path
     return pick
 
 
-def make_picker(cluster: Cluster) -> Callable[[], tuple[str, int]] | None:
-    """None for an original-destination cluster: the connection names its target."""
+def make_picker(cluster: Cluster, active: Callable[[int], int] | None = None,
+                rand: Callable[[], float] = random.random) -> Callable[..., tuple[str, int]] | None:
+    """The cluster's ``lb`` policy as ``pick(candidates=None)``; None for an
+    original-destination cluster (the connection names its target).
+
+    ``active(i)``: in-flight requests of endpoint ``i`` (least_request only).
+    """
     if cluster.original_destination:
         return None
-    return round_robin(cluster)
+    if cluster.lb == "round_robin":
+        return round_robin(cluster)
+    endpoints = [(ep.host, ep.port) for ep in cluster.endpoints]
+    weights = [ep.weight for ep in cluster.endpoints]
+    if cluster.lb == "random":
+        return random_pick(endpoints, weights, rand)
+    if cluster.lb == "least_request":
+        return least_request(endpoints, weights, active or (lambda i: 0), rand)
+    raise ValueError(f"unknown lb policy {cluster.lb!r}")
 
 
 Addr = tuple[str, int]

@@ -67,7 +67,7 @@ def test_retriable_listed_statuses():
 
 @pytest.mark.parametrize("kw", [
     {"on": frozenset({"5xxx"})}, {"statuses": frozenset({99})}, {"statuses": frozenset({"503"})},
-    {"attempts": 0}, {"per_try_timeout": 0.0}, {"base": -1.0}, {"cap": -0.1},
+    {"attempts": 0}, {"per_try_timeout": -1.0}, {"base": -1.0}, {"cap": -0.1},
     {"retry_after_cap": -1.0}, {"buffer_limit": -1},
 ])
 def test_policy_rejects_bad_values(kw):
@@ -286,3 +286,16 @@ def test_budget_counts_never_negative():
 def test_budget_rejects_bad_values(kw):
     with pytest.raises(ValueError):
         RetryBudget(**kw)
+
+
+def test_budget_allows_on_counts_kept_by_the_caller():
+    b = RetryBudget(ratio=0.2, min_retries=3)
+    assert b.allows(active_requests=0, active_retries=2)
+    assert not b.allows(active_requests=0, active_retries=3)          # the floor
+    assert b.allows(active_requests=100, active_retries=19)           # 20 % of 100
+    assert not b.allows(active_requests=100, active_retries=20)
+    assert b.exhausted == 2
+
+
+def test_policy_without_a_per_try_timeout():
+    assert policy(per_try_timeout=0.0).per_try_timeout == 0.0
