@@ -65,6 +65,11 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
         return json_response(200, {"total": app.listeners.active_count(), "shown": len(shown),
                                    "connections": shown})
 
+    async def clusters(_: Request) -> Response:
+        """Each cluster's breakers (in flight / limit / overflows), retry counts and ejected endpoints."""
+        states = app.listeners.cluster_states.states
+        return json_response(200, {"clusters": {name: state.stats() for name, state in sorted(states.items())}})
+
     async def drain(_: Request) -> Response:
         app.begin_drain()
         return json_response(200, {"draining": True, "active_connections": app.listeners.active_count(),
@@ -83,6 +88,7 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
         "/config_dump": {"GET": config_dump},
         "/config": {"POST": post_config},
         "/connections": {"GET": connections},
+        "/clusters": {"GET": clusters},
         "/drain": {"POST": drain},
         "/quitquitquit": {"POST": quit_},
     }

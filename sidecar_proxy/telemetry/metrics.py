@@ -49,7 +49,8 @@ class _TcpCollector:
                                      labels=["listener"])
         http = CounterMetricFamily("sidecar_http_requests",
                                    "HTTP requests answered, by status class and response flag "
-                                   "('-': none; DPE, DRT, NR, UF, UT, UC, UPE, DC, DR, LOOP: see README).",
+                                   "('-': none; DPE, DRT, NR, UF, UT, UC, UPE, DC, DR, LOOP, RL, UO: see README; "
+                                   "',URX' is added when a route's retry attempts ran out).",
                                    labels=["listener", "code_class", "flags"])
         resends = CounterMetricFamily("sidecar_http_upstream_resends",
                                       "Safe bodiless requests sent again on a fresh connection because the "
@@ -82,6 +83,58 @@ class _TcpCollector:
             tx.add_metric(name, state.closed_tx + sum(c.up.nbytes for c in conns if c.up is not None))
             buffered.add_metric(name, sum(c.buffered() for c in conns))
         return [opened, closed, active, refused, rx, tx, buffered, detections, http, resends, limited]
+
+
+class _ClusterCollector:
+    """Resilience decisions per cluster, read from the plain counters of each ClusterState."""
+
+    def __init__(self, states: Callable[[], Iterable]) -> None:
+        self._states = states
+
+    def collect(self):
+        attempts = CounterMetricFamily("sidecar_http_upstream_attempts",
+                                       "Tries sent to the cluster's endpoints, first tries and retries.",
+                                       labels=["cluster"])
+        retries = CounterMetricFamily("sidecar_http_retries", "Retries started, by what the failed try met "
+                                      "(connect-failure, reset, per-try-timeout, status).",
+                                      labels=["cluster", "reason"])
+        skipped = CounterMetricFamily("sidecar_http_retries_skipped",
+                                      "Retriable failures not tried again, by why: attempts ran out, the retry "
+                                      "budget or the max_retries breaker was exhausted, the body was not kept, "
+                                      "the method is not idempotent, the route timeout left no time.",
+                                      labels=["cluster", "reason"])
+        overflow = CounterMetricFamily("sidecar_circuit_breaker_overflow",
+                                       "Requests refused (503 UO) or retries skipped because a circuit breaker "
+                                       "of the cluster was full, by breaker.", labels=["cluster", "breaker"])
+        active = GaugeMetricFamily("sidecar_circuit_breaker_active", "What each circuit breaker counts now.",
+                                   labels=["cluster", "breaker"])
+        limit = GaugeMetricFamily("sidecar_circuit_breaker_limit", "Each circuit breaker's threshold.",
+                                  labels=["cluster", "breaker"])
+        ejections = CounterMetricFamily("sidecar_outlier_ejections", "Endpoints ejected by outlier detection.",
+                                        labels=["cluster"])
+        ejected = GaugeMetricFamily("sidecar_outlier_ejected_endpoints", "Endpoints ejected now.",
+                                    labels=["cluster"])
+        panic = GaugeMetricFamily("sidecar_outlier_panic", "1 while every endpoint is ejected and traffic goes "
+                                  "to all of them anyway.", labels=["cluster"])
+        for state in self._states():
+            name = state.name
+            attempts.add_metric([name], state.attempts)
+            for reason, count in state.retries.items():
+                retries.add_metric([name, reason], count)
+            for reason, count in state.skipped.items():
+                skipped.add_metric([name, reason], count)
+            b = state.breakers
+            for kind in b.active:
+                overflow.add_metric([name, kind], b.overflow[kind])
+                active.add_metric([name, kind], b.active[kind])
+                limit.add_metric([name, kind], b.limits[kind])
+            det = state.detector
+            if det is not None:
+                det.healthy()  # returns endpoints whose ejection ended
+                ejections.add_metric([name], det.ejections_total)
+                ejected.add_metric([name], det.ejected_now)
+                panic.add_metric([name], 1 if det.panic else 0)
+        return [attempts, retries, skipped, overflow, active, limit, ejections, ejected, panic]
 
 
 class Metrics:
@@ -128,6 +181,9 @@ class Metrics:
 
     def watch_tcp(self, states: Callable[[], Iterable]) -> None:
         self.registry.register(_TcpCollector(states))
+
+    def watch_clusters(self, states: Callable[[], Iterable]) -> None:
+        self.registry.register(_ClusterCollector(states))
 
     def snapshot_applied(self, snapshot) -> None:
         labels = (str(snapshot.version), snapshot.digest[:12], snapshot.source)

@@ -24,6 +24,7 @@ from ..protocols.http1.exchange import RequestIds
 from ..policies.rate_limit import RateLimiters
 from ..routing.table import RouteTable
 from ..upstream.balancer import make_picker
+from ..upstream.cluster import ClusterStates
 from ..upstream.pool import PoolManager
 from ..addr import format_addr
 from ..logs import Throttle
@@ -80,7 +81,7 @@ class ListenerRuntime:
                  loop: asyncio.AbstractEventLoop, own_ports: frozenset[int], snapshot_version: int,
                  metrics: Metrics, log_throttle: Throttle, pools: PoolManager,
                  request_ids: RequestIds | None = None, codec_override: str | None = None,
-                 rate_limiters: RateLimiters | None = None) -> None:
+                 rate_limiters: RateLimiters | None = None, cluster_states: ClusterStates | None = None) -> None:
         self.listener = listener
         self.state = state
         self.loop = loop
@@ -94,10 +95,11 @@ class ListenerRuntime:
         if listener.protocol in ("http", "auto"):
             self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, log_throttle,
                                     request_ids or RequestIds(), self.connect_seconds, self.connect_failures,
-                                    rate_limiters or RateLimiters(time.monotonic), codec_override)
+                                    rate_limiters or RateLimiters(time.monotonic),
+                                    cluster_states or ClusterStates(), codec_override)
             table = self.http.table
             self.clusters = self.http.clusters
-            self.pickers = self.http.pickers
+            self.pickers = {name: up.picker for name, up in self.http.upstreams.items()}
         else:
             table = RouteTable(listener.routes, config.route_tables[listener.routes])
             self.clusters = dict(config.clusters)
@@ -198,6 +200,7 @@ class ListenerManager:
         self.pools = PoolManager(loop)
         self.request_ids = RequestIds()  # one x-request-id sequence per process, across snapshots
         self.rate_limiters = RateLimiters(time.monotonic)  # route buckets, across snapshots
+        self.cluster_states = ClusterStates()  # breakers, retry budgets, outlier detectors, across snapshots
         self.states: dict[str, ListenerState] = {}
         self._bound: dict[str, _Bound] = {}
         self._runtimes: dict[str, ListenerRuntime] = {}
@@ -218,7 +221,7 @@ class ListenerManager:
             try:
                 runtimes[name] = ListenerRuntime(listener, config, state, self.loop, own_ports, new.version,
                                                  self.metrics, self.log_throttle, self.pools, self.request_ids,
-                                                 self.codec_override, self.rate_limiters)
+                                                 self.codec_override, self.rate_limiters, self.cluster_states)
             except ValueError as exc:  # an http1 codec that is not installed
                 raise UpdateRejected([(f"listeners.{name}.http.codec", str(exc))]) from None
         to_bind = [l for n, l in config.listeners.items()
@@ -258,6 +261,7 @@ class ListenerManager:
             self.rate_limiters.keep_only({(name, route.name, route.route.rate_limit)
                                           for name, rt in runtimes.items() if rt.http is not None
                                           for route in rt.http.rate_limits})
+            self.cluster_states.apply([*config.clusters.values(), PASSTHROUGH])
             self._runtimes = runtimes
             pending, self._pending = self._pending, {}
             for name, bound in pending.items():

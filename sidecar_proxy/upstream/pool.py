@@ -40,7 +40,7 @@ PEEK_AFTER = 0.25
 class UpstreamConn(asyncio.Protocol):
     """One upstream TCP connection; forwards events to the exchange that owns it."""
 
-    __slots__ = ("pool", "transport", "owner", "dead", "idle_since", "sock", "parser")
+    __slots__ = ("pool", "transport", "owner", "dead", "idle_since", "sock", "parser", "breakers")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -50,6 +50,7 @@ class UpstreamConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.sock: socket.socket | None = None  # a view of the fd for MSG_PEEK, made on first probe
         self.parser = None  # the response parser, kept for the connection's life
+        self.breakers = None  # the cluster's CircuitBreakers: one "connections" slot held until the connection ends
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -82,6 +83,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.dead = True
+        self.free_slot()
         self._release_sock()
         owner = self.owner
         if owner is not None:
@@ -101,6 +103,15 @@ class UpstreamConn(asyncio.Protocol):
         self.owner = None
         if self.transport is not None:
             self.transport.abort()
+        else:
+            self.free_slot()  # never connected: no connection_lost will come
+
+    def free_slot(self) -> None:
+        """Give the circuit breaker's "connections" slot back (once)."""
+        breakers = self.breakers
+        if breakers is not None:
+            self.breakers = None
+            breakers.release("connections")
 
     def alive_after_idle(self) -> bool:
         """True unless the kernel already holds a FIN, a reset or stray bytes for us."""

@@ -22,14 +22,17 @@ from ...transport.relay import connect_failure_reason
 from ...transport.original_dst import is_own_listener
 from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_DIRECT_RESPONSE,
                       FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_LOOP, FLAG_NO_ROUTE,
-                      FLAG_RATE_LIMITED, FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED,
-                      FLAG_UPSTREAM_TIMEOUT, HttpError, Request, Response)
+                      FLAG_RATE_LIMITED, FLAG_RETRY_LIMIT, FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_OVERFLOW,
+                      FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED, FLAG_UPSTREAM_TIMEOUT, HttpError, Request,
+                      Response)
 from . import make_parser
+from .retries import Retries, RetryState
 from .serialize import (InvalidHeader, chunk, field_line, forward_response_head, last_chunk, local_response,
                         received_block, without)
 
 if TYPE_CHECKING:
     from .session import Session
+    from ...upstream.cluster import Upstream
     from ...upstream.pool import Pool, UpstreamConn
 
 log = logging.getLogger("sidecar_proxy.http")
@@ -50,6 +53,10 @@ PROXY_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-
 # RFC 9110 9.2.1: a bodiless request with one of these may be sent again.
 _SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
+# A response the route retries is read to its end so its connection can be
+# reused, unless its body is longer than this: then the connection is closed.
+DISCARD_LIMIT = 64 << 10
+
 # Connection values that name no other field (the common case: no set to build).
 PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"))
 
@@ -65,7 +72,7 @@ _OUT_RAW = 1       # as received (Content-Length, or close-delimited to an HTTP/
 _OUT_CHUNKED = 2   # re-chunked (chunked or close-delimited upstream, HTTP/1.1 client)
 
 _STATUS_REASONS = {400: "bad request", 404: "no route", 408: "request header timeout", 414: "URI too long",
-                   508: "loop detected",
+                   508: "loop detected", 429: "rate limited",
                    431: "request header fields too large", 501: "not implemented", 502: "bad gateway",
                    503: "upstream unavailable", 504: "upstream timeout"}
 
@@ -98,14 +105,14 @@ class RequestIds:
         return b"x-request-id: %s%012x\r\n" % (self.prefix, c)
 
 
-class Exchange:
+class Exchange(Retries):
     """One request and its response."""
 
     __slots__ = ("session", "req", "route", "cluster", "pool", "conn", "rparser", "pending", "req_ended",
                  "trailers", "head_sent", "req_sent", "resp_started", "resp_done", "out", "reuse",
                  "close_after", "deadline", "status", "flag", "upstream_addr",
                  "connect_task", "finished", "upstream_paused", "held", "cluster_config", "reused",
-                 "answered", "resent", "head_bytes")
+                 "answered", "resent", "head_bytes", "up", "rs", "opening")
 
     def __init__(self, session: Session, req: Request) -> None:
         self.session = session
@@ -137,13 +144,18 @@ class Exchange:
         self.reused = False                       # sent on a pooled connection
         self.answered = False                     # a byte came back from the upstream
         self.resent = False                       # sent again after a reused connection closed (_resend)
-        self.head_bytes: bytes | None = None      # the serialized head, kept for a resend
+        self.head_bytes: bytes | None = None      # the serialized head, kept for a resend or a retry
+        self.up: Upstream | None = None           # holds one of the cluster's "requests" breaker slots until settle()
+        self.rs: RetryState | None = None         # when the route has a retry policy (see retries.py)
+        self.opening = False                      # _open took breaker slots that _connect has not taken over yet
 
     # --- request side (called by the session as the parser delivers)
 
     def request_data(self, data: bytes) -> None:
         if self.resp_done or self.finished or self.flag == FLAG_DIRECT_RESPONSE:
             return  # answered already: the rest of the body is read and dropped
+        if self.rs is not None:
+            self.rs.keep(data)
         if self.head_sent:
             if self.conn is not None:
                 self.up_write(chunk(data) if self.req.framing == BODY_CHUNKED else data)
@@ -188,13 +200,31 @@ class Exchange:
         if self.req.framing == BODY_CHUNKED:
             self.up_write(last_chunk(self.trailers))
         self.req_sent = True
-        timeout = self.route.timeout if self.route is not None else self.session.rt.default_timeout
-        if timeout and not self.resp_started:
-            session = self.session
-            self.deadline = deadline = session.loop.time() + timeout
-            timer = session.timer
-            if timer is None or timer.when() > deadline:
-                session.watch_deadline(deadline)
+        if self.resp_started:
+            return
+        session = self.session
+        if self.rs is None:
+            timeout = self.route.timeout if self.route is not None else session.rt.default_timeout
+            if not timeout:
+                return
+            deadline = session.loop.time() + timeout
+        else:
+            # The per-try timeout within the route's, which runs from the first try's request end over
+            # every try (inlined: once per request with a retry policy).
+            rs = self.rs
+            now = session.loop.time()
+            deadline = rs.total_deadline
+            if not deadline and self.route.timeout:
+                deadline = rs.total_deadline = now + self.route.timeout
+            per_try = rs.policy.per_try_timeout
+            if per_try and (not deadline or now + per_try < deadline):
+                deadline = now + per_try
+            if not deadline:
+                return
+        self.deadline = deadline
+        timer = session.timer
+        if timer is None or timer.when() > deadline:
+            session.watch_deadline(deadline)
 
     # --- routing and the upstream connection
 
@@ -207,13 +237,18 @@ class Exchange:
             if session.relay.orig_dst is None:
                 self.local(404, FLAG_NO_ROUTE)
                 return
-            cluster = rt.passthrough
+            up = rt.passthrough
         else:
             self.route = route
             if rt.rate_limits:
                 limit = rt.rate_limits.get(route)
-                if limit is not None and self._rate_limited(limit):
-                    return
+                if limit is not None:
+                    # (limiter, by client address, by this header, quota, window); see HttpRuntime.
+                    key = session.peer_ip if limit[1] else (req.header(limit[2]) if limit[2] is not None else None)
+                    wait = limit[0].allow(key)
+                    if wait:
+                        self._rate_limited(limit, key, wait)
+                        return
             kind = route.kind
             if kind != "cluster":
                 if kind == "direct_response":
@@ -222,65 +257,112 @@ class Exchange:
                     self.direct(route.redirect_status, b"", None,
                                 ((b"location", route.redirect_location(req, b"http")),))
                 return
-            cluster = rt.clusters[route.pick_cluster()]
-        self.cluster = cluster.name
-        self.cluster_config = cluster
+            up = rt.upstreams[route.pick_cluster()]
+        self.cluster = up.name
+        self.cluster_config = cluster = up.cluster
+        state = up.state
+        # breakers.try_acquire("requests"), inlined: once per request.
+        breakers = state.breakers
+        active = breakers.active
+        n = active["requests"]
+        if n >= breakers.limits["requests"]:
+            breakers.overflow["requests"] += 1
+            self.local(503, FLAG_UPSTREAM_OVERFLOW, f"circuit breaker: cluster {up.name} is at max_requests")
+            return
+        active["requests"] = n + 1
+        self.up = up  # the slot is released by settle()
+        if route is not None and route.retry is not None:
+            # self.pending: body read while this request waited behind another.
+            self.rs = RetryState(route.retry, req.framing != BODY_NONE, self.pending)
         if cluster.original_destination:
             target = session.relay.orig_dst
             if target is None:
                 self.local(503, FLAG_UPSTREAM_CONNECT_FAILURE, "no original destination")
                 return
         else:
-            target = rt.pickers[cluster.name]()
+            det = state.detector
+            # Upstream.pick without the call when nothing is ejected.
+            target = up.next() if det is None or not det.ejected_now else up.pick()
+        self._send_to(target)
+
+    def _send_to(self, target: tuple[str, int]) -> None:
+        """Start a try on ``target``: on a pooled connection, or on a new one when the breakers allow."""
+        session = self.session
+        rt = session.rt
         if is_own_listener(target, rt.own_ports):
             self.local(508, FLAG_LOOP, "the destination is this proxy's own listener")
             return
         self.upstream_addr = target
-        pool = self.pool = rt.pool_for(cluster, target)
+        up = self.up
+        up.state.attempts += 1
+        pool = self.pool = rt.pool_for(up.cluster, target)
         conn = pool.take()
         if conn is not None:
             self.reused = True
             self.attach(conn)
         else:
-            session.block(BLOCK_WAITING)
-            self.connect_task = session.loop.create_task(self._connect(pool, cluster, target))
+            self._open()
 
-    def _rate_limited(self, limit: tuple) -> bool:
-        """The route's local rate limit: True when it refused the request (answered 429)."""
-        limiter, by_client, header, quota, window = limit
-        key = self.session.peer_ip if by_client else (self.req.header(header) if header is not None else None)
-        decision = limiter.check(key)
-        if decision.allowed:
-            return False
+    def _open(self) -> None:
+        """Connect to ``upstream_addr`` when the cluster's breakers have room, else 503 UO at once."""
+        up = self.up
+        breakers = up.state.breakers
+        if not breakers.try_acquire("pending"):
+            self.local(503, FLAG_UPSTREAM_OVERFLOW, f"circuit breaker: cluster {up.name} is at max_pending_requests")
+            return
+        if not breakers.try_acquire("connections"):
+            breakers.release("pending")
+            self.local(503, FLAG_UPSTREAM_OVERFLOW, f"circuit breaker: cluster {up.name} is at max_connections")
+            return
+        session = self.session
+        session.block(BLOCK_WAITING)
+        self.opening = True
+        self.connect_task = session.loop.create_task(self._connect(self.pool, up.cluster, self.upstream_addr,
+                                                                   breakers))
+
+    def _rate_limited(self, limit: tuple, key: bytes | None, wait: float) -> None:
+        """The route's local rate limit refused the request: 429 with Retry-After and RateLimit-*."""
+        limiter, _, _, quota, window = limit
+        decision = limiter.refusal(key, wait)
         self.flag = FLAG_RATE_LIMITED
         self.status = 429
         self._local_write(429, b"rate limited\n", b"text/plain", rate_limit_headers(decision, quota, window),
                           close=not self.req_ended and self.req.framing != BODY_NONE)
-        return True
 
-    async def _connect(self, pool: Pool, cluster, target: tuple[str, int]) -> None:
+    async def _connect(self, pool: Pool, cluster, target: tuple[str, int], breakers) -> None:
+        """Holds a "pending" and a "connections" breaker slot (taken by _send_to): the first until the
+        connect ends, the second for the connection's life (UpstreamConn.connection_lost)."""
+        self.opening = False  # from here on, this coroutine releases the slots
         session = self.session
         rt = session.rt
         began = time.perf_counter()
         conn = pool.new_conn()
+        conn.breakers = breakers
         try:
             async with asyncio.timeout(cluster.connect_timeout):
                 await session.loop.create_connection(lambda: conn, target[0], target[1])
         except asyncio.CancelledError:
+            breakers.release("pending")
             pool.active -= 1
             conn.abort()
             raise
         except (OSError, TimeoutError) as exc:
+            breakers.release("pending")
             pool.active -= 1
             conn.abort()
             self.connect_task = None
-            if not session.queue:
-                session.unblock(BLOCK_WAITING)  # the connection stays usable after the 503
             reason = connect_failure_reason(exc)
             rt.connect_failures(cluster.name, reason)
-            if not self.finished:
-                self.local(503, FLAG_UPSTREAM_CONNECT_FAILURE, f"connect to {format_addr(target)}: {reason}")
+            if self.finished:
+                return
+            self._record(None, True)
+            if self._retry("connect-failure", ("connect-failure",)):
+                return
+            if not session.queue:
+                session.unblock(BLOCK_WAITING)  # the connection stays usable after the 503
+            self.local(503, FLAG_UPSTREAM_CONNECT_FAILURE, f"connect to {format_addr(target)}: {reason}")
             return
+        breakers.release("pending")
         self.connect_task = None
         rt.connect_seconds(cluster.name).observe(time.perf_counter() - began)
         if self.finished or session.lost:
@@ -355,6 +437,10 @@ class Exchange:
                 self.session.tunnel(self, rest)
         elif self.resp_done:
             self._complete()
+        elif self.rs is not None and self.rs.discarding and not self.reuse:
+            # A retried response not worth reading to its end: its connection goes, the retry starts.
+            self._release(False)
+            self._retry_start()
 
     def upstream_eof(self) -> None:
         if self.rparser is not None and self.rparser.feed_eof():
@@ -380,6 +466,9 @@ class Exchange:
     def _complete(self) -> None:
         """The response ended; called after the parser returned, so no byte of it is left unparsed."""
         self._release(self.reuse and self.req_sent)
+        if self.rs is not None and self.rs.discarding:
+            self._retry_start()
+            return
         if self.req_ended:
             self.session.exchange_done(self)
         # else the upstream answered before the request body ended: the rest
@@ -411,11 +500,43 @@ class Exchange:
         self.head_sent = self.req_sent = False
         self.deadline = 0.0
         self.rparser = None
-        session = self.session
-        session.rt.state.http_resends += 1
-        session.block(BLOCK_WAITING)
-        self.connect_task = session.loop.create_task(self._connect(self.pool, self.cluster_config,
-                                                                   self.upstream_addr))
+        self.session.rt.state.http_resends += 1
+        self._open()
+
+    # --- retries (retries.Retries drives them; these are the exchange's parts)
+
+    def _reset_try(self, pending: list[bytes] | None) -> None:
+        """Forget the failed try (its connection is released) and wait, downstream reading paused."""
+        self.head_sent = self.req_sent = self.resp_done = False
+        self.reused = self.answered = self.resent = self.reuse = False
+        self.deadline = 0.0
+        self.out = _OUT_NONE
+        self.rparser = None
+        self.held = None  # nothing written for the failed try may reach the next one
+        self.pending = pending
+        self.session.block(BLOCK_WAITING)
+
+    def _resume_try(self, target: tuple[str, int]) -> None:
+        if not self.session.queue:
+            self.session.unblock(BLOCK_WAITING)  # _send_to blocks again if it has to connect
+        self._send_to(target)
+
+    def settle(self) -> None:
+        """The exchange is over: give the cluster back what it held (once)."""
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        breakers = up.state.breakers
+        active = breakers.active
+        n = active["requests"]  # breakers.release("requests"), inlined: once per request
+        if n > 0:
+            active["requests"] = n - 1
+        else:
+            breakers.release_errors += 1
+        rs = self.rs
+        if rs is not None and (rs.slot or rs.timer is not None):
+            self._retry_settle(breakers)
 
     def upstream_pause_writing(self) -> None:
         self.session.block(BLOCK_UPSTREAM_FULL)
@@ -430,6 +551,15 @@ class Exchange:
         self._release(False)
         if self.finished:
             return
+        if self.rs is not None and self.rs.discarding:
+            # The retried response broke off: the retry goes ahead all the same.
+            self._retry_start()
+            return
+        if not self.resp_started and not self.resp_done:
+            self._record(status)
+            if flag == FLAG_UPSTREAM_TERMINATED and self._retry(
+                    "reset", ("reset",) if self.answered else ("reset", "refused-stream")):
+                return
         if self.resp_done:
             # Garbage after a complete response: the response stands, the connection goes.
             if self.req_ended:
@@ -445,8 +575,19 @@ class Exchange:
 
     def _timed_out(self) -> None:
         self.deadline = 0.0
-        if not self.resp_started and not self.finished:
+        rs = self.rs
+        if self.resp_started or self.finished or (rs is not None and rs.discarding):
+            return
+        total = rs.total_deadline if rs is not None else 0.0
+        if rs is None or total and self.session.loop.time() >= total:
             self.upstream_failed(504, FLAG_UPSTREAM_TIMEOUT, "no response head within the route timeout")
+            return
+        # A per-try timeout: that try is abandoned, and may be tried again.
+        self._release(False)
+        self._record(504)
+        if self._retry("per-try-timeout", ("reset",), 504):
+            return
+        self.local(504, FLAG_UPSTREAM_TIMEOUT, "no response head within the per-try timeout")
 
     def on_head(self, resp: Response) -> None:
         status = resp.status
@@ -462,9 +603,25 @@ class Exchange:
             if req.version == b"1.1":
                 block, added = self._response_parts(resp)
                 session.write(forward_response_head(status, resp.reason, block, added))
+                if self.rs is not None:
+                    self.rs.interim = True
             return
         self.deadline = 0.0
         framing = resp.framing
+        up = self.up
+        if up is not None and up.state.detector is not None:
+            up.state.detector.record(self.upstream_addr, status)
+        rs = self.rs
+        if rs is not None:
+            if status in rs.policy.retry_statuses and self._retry_check("status", resp.header(b"retry-after")):
+                # Not for the client: read to its end (or close), then the next try.
+                rs.discarding = True
+                self.out = _OUT_NONE
+                self.reuse = resp.keep_alive and (framing == BODY_NONE or framing == BODY_CHUNKED or (
+                    framing == BODY_LENGTH and resp.length <= DISCARD_LIMIT))
+                return
+            if rs.limited:
+                self.flag = FLAG_RETRY_LIMIT
         if framing == BODY_TUNNEL:
             self._respond_head(resp, _OUT_NONE)
             return
@@ -525,6 +682,11 @@ class Exchange:
     def on_data(self, data: bytes) -> None:
         out = self.out
         if out == _OUT_NONE:
+            rs = self.rs
+            if rs is not None and rs.discarding:
+                rs.discarded += len(data)
+                if rs.discarded > DISCARD_LIMIT:
+                    self.reuse = False  # upstream_data closes the connection when this read is parsed
             return
         if out == _OUT_CHUNKED:
             data = chunk(data)
@@ -549,6 +711,9 @@ class Exchange:
 
     def local(self, status: int, flag: str, detail: str = "") -> None:
         """An error answer; the connection closes after it unless the request was read whole."""
+        if self.rs is not None and self.rs.limited:
+            flag = f"{flag},{FLAG_RETRY_LIMIT}"
+            detail = f"{detail} (after {len(self.rs.tried) + 1} tries)"
         self.flag = flag
         self.status = status
         self.session.log_local(self, status, flag, detail)
@@ -582,14 +747,25 @@ class Exchange:
         """The downstream went away: release everything, reuse nothing."""
         self.finished = True
         self.drop_upstream()
+        self.settle()
         if not self.resp_done and self.flag == "-":
             self.flag = FLAG_DOWNSTREAM_CLOSED
 
     def drop_upstream(self) -> None:
         self.deadline = 0.0
+        rs = self.rs
+        if rs is not None and rs.timer is not None:
+            rs.timer.cancel()
+            rs.timer = None
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
+            if self.opening:
+                # Cancelled before it ran: a coroutine that never started has no except clause to run.
+                self.opening = False
+                breakers = self.up.state.breakers
+                breakers.release("pending")
+                breakers.release("connections")
         conn = self.conn
         self._release(False)
         if conn is not None:

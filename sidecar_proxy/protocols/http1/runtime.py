@@ -13,7 +13,7 @@ from ...config.model import DEFAULT_ROUTE_TIMEOUT, PASSTHROUGH, Cluster, Config,
 from ...logs import Throttle
 from ...policies.rate_limit import RateLimiters
 from ...routing.table import RouteTable
-from ...upstream.balancer import make_picker
+from ...upstream.cluster import ClusterStates, Upstream
 from ...upstream.pool import Pool, PoolManager
 from . import resolve_codec
 from .exchange import HOP_BY_HOP, RequestIds
@@ -35,7 +35,7 @@ class RouteEdits:
 
 
 class HttpRuntime:
-    __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "pickers", "passthrough",
+    __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "upstreams", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
                  "edits", "rate_limits")
@@ -43,7 +43,8 @@ class HttpRuntime:
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
                  connect_seconds: Callable[[str], object], connect_failures: Callable[[str, str], None],
-                 rate_limiters: RateLimiters, codec_override: str | None = None) -> None:
+                 rate_limiters: RateLimiters, cluster_states: ClusterStates,
+                 codec_override: str | None = None) -> None:
         opts = listener.http
         self.name = listener.name
         self.loop = loop
@@ -52,9 +53,10 @@ class HttpRuntime:
         self.limits = opts.limits
         self.table = RouteTable(listener.routes, config.route_tables[listener.routes])
         self.clusters: dict[str, Cluster] = dict(config.clusters)
-        self.pickers: dict[str, Callable[[], tuple[str, int]]] = {
-            name: make_picker(c) for name, c in config.clusters.items() if not c.original_destination}
-        self.passthrough = PASSTHROUGH
+        # Each cluster's picker (this snapshot's endpoints) and shared state (breakers, budget, outliers).
+        self.upstreams: dict[str, Upstream] = {name: Upstream(c, cluster_states.get(c), pools)
+                                               for name, c in config.clusters.items()}
+        self.passthrough = Upstream(PASSTHROUGH, cluster_states.get(PASSTHROUGH))
         self.own_ports = own_ports
         self.pools = pools
         self.buffer_limit = listener.buffer_limit

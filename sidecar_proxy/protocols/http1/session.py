@@ -321,6 +321,7 @@ class Session(asyncio.Protocol):
             return
         ex.finished = True
         ex.deadline = 0.0
+        ex.settle()
         self._count(ex)
         if ex is not self.active:
             return
@@ -362,8 +363,10 @@ class Session(asyncio.Protocol):
         ex.resp_done = True
         ex.finished = True
         self._count(ex)
+        ex.settle()
         ex.pool.active -= 1
         conn.owner = None
+        conn.free_slot()  # the relay owns the socket now; the breaker counts HTTP connections
         conn._release_sock()
         self.active = None
         self.closing = True
