@@ -6,14 +6,21 @@ time per request is what the proxy spends in Python on top of the
 syscalls and event loop work the L4 relay also pays. A guide for
 optimising the data path; the wrk benchmark (run.py) is the figure that counts.
 
-    python3 benchmarks/l7_micro.py [--codec httptools|h11] [-n 50000] [--profile]
+    python3 benchmarks/l7_micro.py [--codec httptools|h11] [-n 50000] [--profile] [--policies]
+
+``--policies`` measures, in the same run and interleaved round by round,
+the same route with every resilience policy configured and none of them
+triggering (retry, per-try timeout, rate limit, circuit breakers, outlier
+detection, least-request balancing): issue 5's "policies cost" figure.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import cProfile
 import pstats
+import socket
 import time
 
 import uvloop
@@ -35,6 +42,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.written = 0
         self.peer = peer
+        self.sock = None
 
     def write(self, data):
         self.written += 1
@@ -55,6 +63,12 @@ class FakeTransport(asyncio.Transport):
         pass
 
     def get_extra_info(self, name, default=None):
+        if name == "socket":
+            # The pool probes a connection idle for a while (while another variant ran) with MSG_PEEK:
+            # a live socket with nothing to read.
+            if self.sock is None:
+                self.sock, self.peer_sock = socket.socketpair()
+            return self.sock
         return ("127.0.0.1", 40000) if name == "peername" else default
 
     def set_write_buffer_limits(self, high=None, low=None):
@@ -81,13 +95,34 @@ CONFIG = {
 }
 
 
-async def main(args) -> None:
-    loop = asyncio.get_running_loop()
-    config = build(CONFIG)
+# Every policy of issue 5 on the route and its cluster, set so that none triggers.
+POLICIES = {
+    "retry": {"on": ["connect-failure", "reset", "5xx"], "attempts": 3, "per_try_timeout": "5s"},
+    "rate_limit": {"requests_per_second": 1_000_000, "burst": 1_000_000},
+}
+CLUSTER_POLICIES = {
+    "lb": "least_request",
+    "circuit_breakers": {"max_connections": 100, "max_pending_requests": 100, "max_requests": 100,
+                         "max_retries": 10},
+    "retry_budget": {"percent": 20, "min_retries": 3},
+    "outlier_detection": {"consecutive_5xx": 5},
+}
+
+
+def with_policies(doc: dict) -> dict:
+    doc = copy.deepcopy(doc)
+    doc["route_tables"]["main"][0].update(POLICIES)
+    doc["clusters"]["backend"].update(CLUSTER_POLICIES)
+    return doc
+
+
+def setup(loop, doc: dict, codec: str):
+    """A session and a pooled upstream connection wired to fake transports; returns one request's work."""
+    config = build(doc)
     listener = config.listeners["web"]
     pools = PoolManager(loop)
     rt = ListenerRuntime(listener, config, ListenerState("web"), loop, frozenset({15080}), 1, Metrics(),
-                         Throttle(1.0), pools, None, args.codec)
+                         Throttle(1.0), pools, None, codec)
     session = Session(FakeRelay(FakeTransport()), rt.http)
     pool = rt.http.pool_for(config.clusters["backend"], ("127.0.0.1", 8080))
     conn = UpstreamConn(pool)
@@ -101,23 +136,40 @@ async def main(args) -> None:
 
     for _ in range(1000):
         one()
+    return one, rt
+
+
+def best(one, n: int) -> float:
+    began = time.perf_counter()
+    for _ in range(n):
+        one()
+    return time.perf_counter() - began
+
+
+async def main(args) -> None:
+    loop = asyncio.get_running_loop()
+    variants = {"plain": setup(loop, CONFIG, args.codec)}
+    if args.policies:
+        variants["policies"] = setup(loop, with_policies(CONFIG), args.codec)
     n = args.n
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-    # The best of several rounds: this shared machine's noise only ever adds time.
-    rounds = []
+    # The best of several rounds, variants interleaved: this shared machine's noise only ever adds time.
+    rounds = {name: [] for name in variants}
     for _ in range(args.rounds):
-        began = time.perf_counter()
-        for _ in range(n):
-            one()
-        rounds.append(time.perf_counter() - began)
+        for name, (one, _) in variants.items():
+            rounds[name].append(best(one, n))
     if args.profile:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    assert rt.state.http_requests.get((2, "-")) == n * args.rounds + 1000, rt.state.http_requests
-    print(f"{args.codec}: {min(rounds) / n * 1e6:.2f} us per request (Python only, no syscalls; "
-          f"best of {args.rounds} rounds of {n})")
+    for name, (_, rt) in variants.items():
+        assert rt.state.http_requests.get((2, "-")) == n * args.rounds + 1000, rt.state.http_requests
+        print(f"{args.codec} {name}: {min(rounds[name]) / n * 1e6:.2f} us per request (Python only, no syscalls; "
+              f"best of {args.rounds} rounds of {n})")
+    if args.policies:
+        extra = (min(rounds["policies"]) - min(rounds["plain"])) / n * 1e6
+        print(f"every policy configured, none triggering: {extra:+.2f} us per request")
 
 
 if __name__ == "__main__":
@@ -126,4 +178,5 @@ if __name__ == "__main__":
     p.add_argument("-n", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--policies", action="store_true", help="also measure the route with every policy configured")
     uvloop.run(main(p.parse_args()))

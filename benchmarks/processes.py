@@ -22,7 +22,7 @@ import yaml
 
 from procfs import BenchmarkError
 from settings import (ADMIN_PORT, BACKEND_PORT, HOST, IDLE_TARGET, LOAD_CORE, PROXY_CORE,
-                      ROUTE_TABLES, TARGETS)
+                      POLICY_CLUSTER, ROUTE_TABLES, TARGETS)
 
 NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.tmpl"
 
@@ -152,8 +152,9 @@ def proxy_config(names: list[str]) -> dict:
         "node": {"id": "bench"},
         "admin": {"address": HOST, "port": ADMIN_PORT},
         "listeners": listeners,
-        "clusters": {"backend": {"endpoints": [f"{HOST}:{BACKEND_PORT}"],
-                                 "connect_timeout": "1s"}},
+        "clusters": {"backend": {"endpoints": [f"{HOST}:{BACKEND_PORT}"], "connect_timeout": "1s"},
+                     **({"backend_policies": {"endpoints": [f"{HOST}:{BACKEND_PORT}"], "connect_timeout": "1s",
+                                              **POLICY_CLUSTER}} if "l7_policies" in tables else {})},
         "route_tables": {name: routes for name, routes in ROUTE_TABLES.items() if name in tables},
     }
 

@@ -55,6 +55,10 @@ TARGETS = (
            listener={"protocol": "http", "routes": "l7", "http": {"codec": "httptools"}}),
     Target("proxy_l7_h11", 19003,
            listener={"protocol": "http", "routes": "l7", "http": {"codec": "h11"}}),
+    # proxy_l7_httptools with every resilience policy configured on its route
+    # and cluster, none of them triggering: what the policies cost per request.
+    Target("proxy_l7_policies", 19004,
+           listener={"protocol": "http", "routes": "l7_policies", "http": {"codec": "httptools"}}),
 )
 
 # Route tables of the proxy's config, named by the targets' "routes"; every
@@ -62,6 +66,17 @@ TARGETS = (
 ROUTE_TABLES = {
     "main": [{"match": {}, "cluster": "backend"}],
     "l7": [{"match": {"path_prefix": "/"}, "cluster": "backend"}],
+    "l7_policies": [{"match": {"path_prefix": "/"}, "cluster": "backend_policies",
+                     "retry": {"on": ["connect-failure", "reset", "5xx"], "attempts": 3, "per_try_timeout": "5s"},
+                     "rate_limit": {"requests_per_second": 1_000_000, "burst": 1_000_000}}],
+}
+# Clusters beside "backend" (nginx), by the route tables that name them.
+POLICY_CLUSTER = {
+    "lb": "least_request",
+    "circuit_breakers": {"max_connections": 1000, "max_pending_requests": 1000, "max_requests": 1000,
+                         "max_retries": 100},
+    "retry_budget": {"percent": 20, "min_retries": 3},
+    "outlier_detection": {"consecutive_5xx": 5},
 }
 # The target through which the idle-connection memory test connects. It is
 # here rather than with that test in run.py because it must name one of TARGETS.
