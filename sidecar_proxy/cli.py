@@ -1,4 +1,4 @@
-"""``sidecar-proxy run | validate | init-iptables | demo``.
+"""``sidecar-proxy run | validate | init-iptables | demo | control-server | certs``.
 
 Exit codes: 0 success; 1 the config is invalid or the daemon could not start
 (the reason is printed, never a traceback); 2 bad command-line usage.
@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="how often the files are checked for changes (default 0.2)")
     ctl.add_argument("--log-level", choices=logs.LEVELS, default="info")
     ctl.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    certs = sub.add_parser("certs", help="make a mesh CA and SPIFFE workload certificates (for demos and tests)")
+    from .tls import cli as certs_cli
+    certs_cli.add_arguments(certs)
     return parser
 
 
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_init_iptables(args)
     if args.command == "control-server":
         return cmd_control_server(args)
+    if args.command == "certs":
+        from .tls import cli as certs_cli
+        return certs_cli.run(args)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(args.duration)
