@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .model import Cluster, Config, HeaderRewrite, HttpOptions, Listener, Match, Retry, Route
+from .model import Cluster, ClusterTls, Config, HeaderRewrite, HttpOptions, Listener, ListenerTls, Match, Retry, Route
 from ..addr import format_addr
 
 
@@ -38,6 +38,8 @@ def _listener(l: Listener) -> dict:
            "detection_timeout": format_duration(l.detection_timeout), "opaque_ports": sorted(l.opaque_ports)}
     if l.protocol != "tcp":  # a tcp listener has no http section
         doc["http"] = _http(l.http)
+    if l.tls != ListenerTls():
+        doc["tls"] = {"mode": l.tls.mode}
     return doc
 
 
@@ -53,6 +55,10 @@ def _cluster(c: Cluster) -> dict:
             "consecutive_5xx": o.consecutive_5xx, "consecutive_gateway_failure": o.consecutive_gateway_failure,
             "base_ejection_time": format_duration(o.base_ejection_time),
             "max_ejection_time": format_duration(o.max_ejection_time), "max_ejection_percent": o.max_ejection_percent}
+    if c.tls != ClusterTls():
+        doc["tls"] = {"mode": c.tls.mode, "peer_identity": list(c.tls.peer_identity)}
+        if c.tls.sni is not None:
+            doc["tls"]["sni"] = c.tls.sni
     if c.endpoints:
         doc["endpoints"] = [{"address": format_addr((e.host, e.port)), "weight": e.weight} for e in c.endpoints]
     return doc
@@ -116,6 +122,8 @@ def _route(r: Route) -> dict:
                              "shadow": rl.shadow, "max_keys": rl.max_keys}
         if rl.key is not None:
             doc["rate_limit"]["key"] = rl.key
+    if r.authorization is not None:
+        doc["authorization"] = {"allow_identities": list(r.authorization.allow_identities)}
     return doc
 
 
@@ -136,4 +144,9 @@ def to_document(config: Config) -> dict:
                           "backoff_max": format_duration(c.backoff_max)}
         if c.cache:
             doc["control"]["cache"] = c.cache
+    if config.tls is not None:
+        t = config.tls
+        doc["tls"] = {"cert_chain": t.cert_chain, "private_key": t.private_key, "trust_bundle": t.trust_bundle,
+                      "poll_interval": format_duration(t.poll_interval),
+                      "handshake_timeout": format_duration(t.handshake_timeout)}
     return doc

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..addr import split_host_port
-from . import http_options, model, resilience, routes as route_tables
+from . import http_options, model, mtls, resilience, routes as route_tables
 from .fields import (ConfigError, Errors, check_keys as _check_fields, describe, get, get_parsed, ip_check, join,
                      mapping_section, name_check, parse_duration, parse_size, port_check, positive)
 
@@ -29,11 +29,9 @@ MAX_DOCUMENT_BYTES = 4 << 20
 # Keys of the schema that later releases serve. Naming them lets the
 # validator say "not supported by this build yet" instead of "unknown key",
 # and a config written for a newer proxy fails loudly instead of silently
-# running without, say, mTLS. (Those of routes are in routes.py.)
+# running without, say, telemetry. (Those of routes are in routes.py.)
 _PLANNED = {
-    "": {"tls", "telemetry"},
-    "listener": {"tls"},
-    "cluster": {"tls"},
+    "": {"telemetry"},
 }
 
 
@@ -68,10 +66,11 @@ def _admin(err: Errors, doc: Any) -> model.Admin | None:
 
 
 _LISTENER_KEYS = {"address", "port", "transparent", "interception", "protocol", "routes", "idle_timeout",
-                  "max_connections", "buffer_limit", "detection_timeout", "opaque_ports", "http"}
+                  "max_connections", "buffer_limit", "detection_timeout", "opaque_ports", "http", "tls"}
 
 
-def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
+def _listener(err: Errors, name: str, doc: Any, has_identity: bool = False) -> model.Listener | None:
+    """``has_identity``: the document has a top-level tls section, which an mTLS mode needs."""
     path = f"listeners.{name}"
     if not isinstance(doc, dict):
         err.add(path, f"must be a mapping, got {describe(doc)}")
@@ -107,12 +106,13 @@ def _listener(err: Errors, name: str, doc: Any) -> model.Listener | None:
     if protocol == "tcp" and doc.get("http") is not None:
         err.add(join(path, "http"), "applies only to listeners with protocol auto or http")
     http = http_options.listener_http(err, join(path, "http"), doc.get("http"))
+    tls = mtls.listener_tls(err, join(path, "tls"), doc.get("tls"), has_identity)
     if len(err.items) > before:
         return None
     return model.Listener(name=name, address=address, port=port, routes=routes,
                           transparent=transparent, interception=interception, protocol=protocol,
                           idle_timeout=idle, detection_timeout=detection, opaque_ports=opaque,
-                          max_connections=max_conn, buffer_limit=buffer_limit, http=http)
+                          max_connections=max_conn, buffer_limit=buffer_limit, http=http, tls=tls)
 
 
 def _ports(err: Errors, path: str, value: Any) -> frozenset[int] | None:
@@ -153,10 +153,11 @@ def _endpoint(err: Errors, path: str, doc: Any) -> model.Endpoint | None:
 
 
 _CLUSTER_KEYS = {"endpoints", "original_destination", "connect_timeout", "lb", "pool", "circuit_breakers",
-                 "retry_budget", "outlier_detection"}
+                 "retry_budget", "outlier_detection", "tls"}
 
 
-def _cluster(err: Errors, name: str, doc: Any) -> model.Cluster | None:
+def _cluster(err: Errors, name: str, doc: Any, has_identity: bool = False) -> model.Cluster | None:
+    """``has_identity``: the document has a top-level tls section, which mode mutual needs."""
     path = f"clusters.{name}"
     if not isinstance(doc, dict):
         err.add(path, f"must be a mapping, got {describe(doc)}")
@@ -189,11 +190,12 @@ def _cluster(err: Errors, name: str, doc: Any) -> model.Cluster | None:
     breakers = resilience.cluster_circuit_breakers(err, join(path, "circuit_breakers"), doc.get("circuit_breakers"))
     budget = resilience.cluster_retry_budget(err, join(path, "retry_budget"), doc.get("retry_budget"))
     outliers = resilience.cluster_outlier_detection(err, join(path, "outlier_detection"), doc.get("outlier_detection"))
+    tls = mtls.cluster_tls(err, join(path, "tls"), doc.get("tls"), has_identity)
     if len(err.items) > before:
         return None
     return model.Cluster(name=name, endpoints=tuple(endpoints), original_destination=original,
                          connect_timeout=timeout, lb=lb, pool=pool, circuit_breakers=breakers, retry_budget=budget,
-                         outlier_detection=outliers)
+                         outlier_detection=outliers, tls=tls)
 
 
 def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str, model.Listener]) -> None:
@@ -208,6 +210,8 @@ def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str,
             if a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified):
                 err.add(f"{path_a}.port", f"{addr_a}:{port_a} overlaps {path_b} ({addr_b}:{port_b})")
 
+
+_TOP_KEYS = {"version", "node", "admin", "listeners", "clusters", "route_tables", "control", "tls"}
 
 # With a control section these may be absent: the server provides them.
 _DYNAMIC_SECTIONS = ("listeners", "clusters", "route_tables")
@@ -252,7 +256,7 @@ def build(doc: Any) -> model.Config:
     err = Errors()
     if not isinstance(doc, dict):
         raise ConfigError([("", f"the config must be a mapping at the top level, got {describe(doc)}")])
-    check_keys(err, "", doc, {"version", "node", "admin", "listeners", "clusters", "route_tables", "control"}, "")
+    check_keys(err, "", doc, _TOP_KEYS, "")
     control = _control(err, doc.get("control"))
     dynamic = "control" in doc
     if dynamic:
@@ -261,6 +265,9 @@ def build(doc: Any) -> model.Config:
          f"unsupported schema version {v} (this build reads version {model.SCHEMA_VERSION})")
     node = _node(err, doc.get("node"))
     admin = _admin(err, doc.get("admin"))
+    tls = mtls.identity(err, doc.get("tls"))
+    # Present, even if with errors of its own: those are reported there, not again at every user.
+    has_identity = doc.get("tls") is not None
 
     def named(section: str, kind: str, parse: Callable) -> dict:
         out = {}
@@ -277,8 +284,8 @@ def build(doc: Any) -> model.Config:
     raw_tables = doc.get("route_tables") if isinstance(doc.get("route_tables"), dict) else {}
     raw_clusters = doc.get("clusters") if isinstance(doc.get("clusters"), dict) else {}
     raw_listeners = doc.get("listeners") if isinstance(doc.get("listeners"), dict) else {}
-    listeners = named("listeners", "listener", _listener)
-    clusters = named("clusters", "cluster", _cluster)
+    listeners = named("listeners", "listener", functools.partial(_listener, has_identity=has_identity))
+    clusters = named("clusters", "cluster", functools.partial(_cluster, has_identity=has_identity))
     # Routes check their cluster names against the raw section: naming a
     # cluster that exists but has an error of its own is not an error too.
     tables = named("route_tables", "route table",
@@ -300,7 +307,7 @@ def build(doc: Any) -> model.Config:
         raise ConfigError(err.items)
     return model.Config(node=node, admin=admin, listeners=MappingProxyType(listeners),
                         clusters=MappingProxyType(clusters), route_tables=MappingProxyType(tables),
-                        control=control, source_document=MappingProxyType(doc))
+                        control=control, tls=tls, source_document=MappingProxyType(doc))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -39,6 +39,11 @@ LB_POLICIES_PLANNED: tuple[str, ...] = ()
 # Outcomes a route's retry may name in `on` (status codes go in `statuses`).
 RETRY_CONDITIONS = ("connect-failure", "refused-stream", "reset", "5xx", "gateway-error")
 
+# listeners.X.tls.mode: plaintext only; mTLS and plaintext side by side (while
+# clients migrate); mTLS only. clusters.X.tls.mode: plaintext, or mTLS.
+TLS_LISTENER_MODES = ("disable", "permissive", "strict")
+TLS_CLUSTER_MODES = ("disable", "mutual")
+
 
 @dataclass(frozen=True, slots=True)
 class Node:
@@ -50,6 +55,53 @@ class Node:
 class Admin:
     address: str = "127.0.0.1"
     port: int = 15000
+
+
+@dataclass(frozen=True, slots=True)
+class TlsIdentity:
+    """The workload's certificate (top-level ``tls``), which mTLS listeners and clusters present.
+
+    Paths rather than PEM in the config: SPIRE, cert-manager's CSI driver and
+    secret volumes rotate the files in place, so they are checked every
+    ``poll_interval`` and a new certificate is used without a reload.
+    """
+
+    cert_chain: str     # absolute path: the leaf certificate, then its intermediates (PEM)
+    private_key: str    # absolute path (PEM)
+    trust_bundle: str   # absolute path: the CAs a peer's certificate must chain to (PEM)
+    poll_interval: float = 1.0
+    # Inbound and outbound: a peer that stalls mid-handshake holds a connection for at most this.
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    mode: str = "disable"   # one of TLS_LISTENER_MODES
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTls:
+    """How the proxy connects to a cluster's endpoints.
+
+    With ``mutual`` the server must present a SPIFFE ID matching
+    ``peer_identity`` (never empty then): chaining to the trust bundle alone
+    would accept any workload of the trust domain.
+    """
+
+    mode: str = "disable"                 # one of TLS_CLUSTER_MODES
+    peer_identity: tuple[str, ...] = ()   # SPIFFE IDs or patterns (tls.spiffe.check_pattern)
+    sni: str | None = None                # server_name sent (lower-case DNS name), None: none
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """The clients a route serves: SPIFFE IDs or patterns (tls.spiffe) their certificate must match.
+
+    Never empty: an empty list would refuse every client, more likely a
+    mistake than the intent (a direct_response 403 says that plainly).
+    """
+
+    allow_identities: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +154,7 @@ class Listener:
     # Used by "auto" (for what it detects as HTTP/1) and "http" listeners; a
     # "tcp" listener always has the defaults (the validator refuses the key).
     http: HttpOptions = HttpOptions()
+    tls: ListenerTls = ListenerTls()
 
     @property
     def bind_key(self) -> tuple:
@@ -193,6 +246,7 @@ class Cluster:
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     retry_budget: RetryBudget = RetryBudget()
     outlier_detection: OutlierDetection | None = None   # None: disabled
+    tls: ClusterTls = ClusterTls()
 
 
 # Where transparent traffic that no route claims goes: the connection's
@@ -283,10 +337,11 @@ class RateLimit:
     """A local token bucket on a route: ``requests_per_second`` refill, ``burst`` capacity.
 
     ``key``: None (one bucket for the route), ``client_ip`` (one per client
-    address) or ``header:<name>`` (one per value of that request field; a
-    request without it shares one bucket). Keyed buckets live in a table of
-    at most ``max_keys`` (least recently used evicted). ``shadow`` counts
-    what would be refused but refuses nothing.
+    address), ``peer_identity`` (one per client SPIFFE ID) or
+    ``header:<name>`` (one per value of that request field). Requests without
+    the key (no field, no client certificate) share one bucket. Keyed
+    buckets live in a table of at most ``max_keys`` (least recently used
+    evicted). ``shadow`` counts what would be refused but refuses nothing.
     """
 
     requests_per_second: float
@@ -336,6 +391,7 @@ class Route:
     timeout: float = DEFAULT_ROUTE_TIMEOUT
     rate_limit: RateLimit | None = None
     retry: Retry | None = None   # None: one try
+    authorization: Authorization | None = None   # None: every client
 
     @property
     def action(self) -> str:
@@ -385,6 +441,7 @@ class Config:
     route_tables: Mapping[str, tuple[Route, ...]]
     version: int = SCHEMA_VERSION
     control: Control | None = None
+    tls: TlsIdentity | None = None   # None: no listener or cluster may use mTLS
     # The document as the user wrote it (after parsing), for /config_dump.
     source_document: Mapping = field(default_factory=lambda: MappingProxyType({}), compare=False)
 

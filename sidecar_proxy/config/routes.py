@@ -2,7 +2,8 @@
 
 A route is ``match`` + exactly one action (``cluster``, ``weighted_clusters``,
 ``direct_response``, ``redirect``) + optional header rewrites, host rewrite,
-timeout and retry (resilience.py). Errors name the document path, e.g.
+timeout, rate limit, retry (resilience.py) and authorization (mtls.py).
+Errors name the document path, e.g.
 ``route_tables.outbound[2].match.path_regex: invalid regex: ...``.
 """
 from __future__ import annotations
@@ -17,12 +18,14 @@ from .dump import format_duration
 from .fields import (Errors, check_keys, describe, get, get_parsed, header_value_check, join, parse_duration,
                      split_host_pattern, token_check)
 from .matches import authority_check, match as parse_match, normal_authority, path_check
+from .mtls import route_authorization
 from .resilience import route_retry
 
 # Keys of later issues: "not supported by this build yet", not "unknown key".
-_PLANNED_ROUTE = {"authorization"}
+_PLANNED_ROUTE: frozenset[str] = frozenset()
 _ROUTE_KEYS = {"name", "match", "cluster", "weighted_clusters", "direct_response", "redirect",
-               "request_headers", "response_headers", "host_rewrite", "timeout", "rate_limit", "retry"}
+               "request_headers", "response_headers", "host_rewrite", "timeout", "rate_limit", "retry",
+               "authorization"}
 _REWRITE_KEYS = {"add", "set", "remove"}
 
 # Connection-level and framing fields: the codec and the session own them,
@@ -91,6 +94,8 @@ def _route(err: Errors, path: str, default_name: str, doc: Any, cluster_names: C
                          lambda v: None if v <= MAX_TIMEOUT else "must be at most 24h (0s disables it)")
     rate_limit = _rate_limit(err, join(path, "rate_limit"), doc.get("rate_limit"))
     retry = route_retry(err, join(path, "retry"), doc.get("retry"))
+    # Any action: a client may be refused a direct_response or a redirect too.
+    authorization = route_authorization(err, join(path, "authorization"), doc.get("authorization"))
     if retry is not None and timeout and retry.per_try_timeout > timeout:
         err.add(join(path, "retry.per_try_timeout"), f"is longer than the route timeout ({format_duration(timeout)}), "
                                                      "which bounds all the tries together")
@@ -100,7 +105,7 @@ def _route(err: Errors, path: str, default_name: str, doc: Any, cluster_names: C
                        redirect=redirect, name=name, request_headers=request_headers,
                        response_headers=response_headers,
                        host_rewrite=normal_authority(host_rewrite) if host_rewrite is not None else None,
-                       timeout=timeout, rate_limit=rate_limit, retry=retry)
+                       timeout=timeout, rate_limit=rate_limit, retry=retry, authorization=authorization)
 
 
 def _rate_limit(err: Errors, path: str, doc: Any) -> model.RateLimit | None:
@@ -131,11 +136,11 @@ def _rate_limit(err: Errors, path: str, doc: Any) -> model.RateLimit | None:
 
 
 def _rate_limit_key_check(value: str) -> str | None:
-    if value == "client_ip":
+    if value in ("client_ip", "peer_identity"):
         return None
     if value.startswith("header:") and token_check(value[7:]) is None:
         return None
-    return f"'{value}' is not a rate limit key: 'client_ip' or 'header:<field name>'"
+    return f"'{value}' is not a rate limit key: 'client_ip', 'peer_identity' or 'header:<field name>'"
 
 
 def _name_check(value: str) -> str | None:

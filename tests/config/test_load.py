@@ -108,7 +108,8 @@ def test_sizes(text, size):
     (mutated(clusters__payments__lb="fastest"), "clusters.payments.lb", "not a load balancing policy (one of: "),
     (mutated(clusters__payments__endpoints=[]), "clusters.payments", "needs endpoints"),
     (mutated(clusters__orig__endpoints=["1.2.3.4:80"]), "clusters.orig.endpoints", "must be empty"),
-    (mutated(clusters__payments__tls={"mode": "mutual"}), "clusters.payments.tls", "not supported by this build"),
+    (mutated(clusters__payments__tls={"mode": "mutual", "peer_identity": "spiffe://td/p"}),
+     "clusters.payments.tls.mode", "needs the top-level tls section"),
     (mutated(route_tables__app__0__cluster="paymens"), "route_tables.app[0].cluster", "did you mean 'payments'"),
     (mutated(route_tables__app__0__retry={"attempts": 0}), "route_tables.app[0].retry.attempts", "must be 1..10"),
     (mutated(route_tables__app=[{"cluster": "payments"}]), "route_tables.app[0].match", "is required"),
@@ -190,10 +191,8 @@ def test_shipped_configs_are_valid(path):
 def test_every_key_of_the_full_contract_is_known_to_the_validator():
     with pytest.raises(ConfigError) as info:
         load.load_file(REPO / "config" / "example-full.yaml")
-    problems = [(p, m) for p, m in info.value.errors if "not supported by this build yet" not in m]
-    assert problems == []
-    # tls (3), telemetry, authorization: all named.
-    assert len(info.value.errors) >= 5
+    # Only telemetry is left for a later release.
+    assert info.value.errors == [("telemetry", "is part of the schema but not supported by this build yet")]
 
 
 def test_validate_cli_prints_ok_or_every_error(tmp_path):
@@ -228,13 +227,7 @@ def test_a_bootstrap_with_control_may_leave_out_what_the_server_provides():
 
 def test_the_full_contract_builds_once_the_planned_keys_are_left_out():
     doc = yaml.safe_load((REPO / "config" / "example-full.yaml").read_text())
-    for key in ("tls", "telemetry"):
-        del doc[key]
-    del doc["listeners"]["inbound"]["tls"]
-    del doc["clusters"]["payments"]["tls"]
-    for routes in doc["route_tables"].values():
-        for route in routes:
-            route.pop("authorization", None)
+    del doc["telemetry"]
     config = load.build(doc)
     first = config.route_tables["outbound"][0]
     assert first.name == "payments-api" and first.action == "weighted_clusters"
