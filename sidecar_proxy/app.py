@@ -41,6 +41,7 @@ class App:
         self.store.watch(self.metrics.snapshot_applied)
         self.metrics.watch_tcp(lambda: list(self.listeners.states.values()))
         self.metrics.watch_clusters(lambda: list(self.listeners.cluster_states.states.values()))
+        self.metrics.watch_identity(lambda: self.listeners.mesh)
         self.draining = False
         self.started_at = time.time()
         self._update_lock = asyncio.Lock()

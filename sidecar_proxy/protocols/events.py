@@ -106,12 +106,13 @@ FLAG_DIRECT_RESPONSE = "DR"              # the route answers itself (direct_resp
 FLAG_LOOP = "LOOP"                       # 508: the destination is this proxy's own listener
 FLAG_RATE_LIMITED = "RL"                 # 429: the route's local rate limit refused the request
 FLAG_UPSTREAM_OVERFLOW = "UO"            # 503: a circuit breaker of the cluster is full (nothing was sent)
+FLAG_ACCESS_DENIED = "AD"                # 403: the route's authorization does not allow the client's identity
 FLAG_RETRY_LIMIT = "URX"                 # the route's retry attempts ran out; added to the last try's flag
 
 FLAGS = (FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_REQUEST_HEADER_TIMEOUT, FLAG_DOWNSTREAM_CLOSED, FLAG_NO_ROUTE,
          FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_TIMEOUT, FLAG_UPSTREAM_TERMINATED,
          FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_DIRECT_RESPONSE, FLAG_LOOP, FLAG_RATE_LIMITED, FLAG_UPSTREAM_OVERFLOW,
-         FLAG_RETRY_LIMIT)
+         FLAG_RETRY_LIMIT, FLAG_ACCESS_DENIED)
 
 
 class HttpError(Exception):

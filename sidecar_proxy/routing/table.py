@@ -31,6 +31,7 @@ from typing import Callable, Mapping
 
 from ..config import model
 from ..policies.retry import RetryPolicy
+from ..tls.spiffe import IdentityMatcher
 from ..protocols.events import Request
 
 # check(req, host, authority) -> bool. host: the lower-case authority without
@@ -48,7 +49,7 @@ def _b(text: str) -> bytes:
 class CompiledRoute:
     """A route's decision and actions, as bytes. Immutable after construction."""
 
-    __slots__ = ("name", "route", "kind", "timeout", "retry", "host_rewrite",
+    __slots__ = ("name", "route", "kind", "timeout", "retry", "allow", "host_rewrite",
                  "request_add", "request_set", "request_remove", "response_add", "response_set", "response_remove",
                  "direct_status", "direct_body", "direct_content_type",
                  "redirect_status", "_cluster", "_clusters", "_cumulative", "_total", "_rand",
@@ -63,6 +64,9 @@ class CompiledRoute:
         self.retry = None if r is None else RetryPolicy(
             frozenset(r.on), frozenset(r.statuses), r.attempts, r.per_try_timeout, r.backoff_base, r.backoff_cap,
             r.max_retry_after, r.buffer_limit, r.retry_non_idempotent)
+        # authorization.allow_identities as a matcher (None: every client, with or without mTLS).
+        self.allow = (IdentityMatcher(route.authorization.allow_identities)
+                      if route.authorization is not None else None)
         self.host_rewrite = _b(route.host_rewrite) if route.host_rewrite is not None else None
         self.request_add, self.request_set, self.request_remove = _rewrite(route.request_headers)
         self.response_add, self.response_set, self.response_remove = _rewrite(route.response_headers)

@@ -56,6 +56,10 @@ class _TcpCollector:
                                       "Safe bodiless requests sent again on a fresh connection because the "
                                       "reused keep-alive connection they went out on closed unanswered.",
                                       labels=["listener"])
+        tls = CounterMetricFamily("sidecar_tls_terminations",
+                                  "mTLS handshakes of listeners with tls.mode permissive/strict, by result: ok, or "
+                                  "why the client was refused (plaintext on a strict listener, no_client_cert, "
+                                  "expired, unknown_ca, no_spiffe_id, ...).", labels=["listener", "result"])
         limited = CounterMetricFamily("sidecar_http_rate_limit_decisions",
                                       "Requests checked by a route's local rate limit, by decision "
                                       "(would_limit: refused in shadow mode, let through).",
@@ -79,10 +83,12 @@ class _TcpCollector:
                 refused.add_metric([state.name, reason], count)
             for outcome, count in state.detections.items():
                 detections.add_metric([state.name, outcome], count)
+            for result, count in state.tls.items():
+                tls.add_metric([state.name, result], count)
             rx.add_metric(name, state.closed_rx + sum(c.down.nbytes for c in conns))
             tx.add_metric(name, state.closed_tx + sum(c.up.nbytes for c in conns if c.up is not None))
             buffered.add_metric(name, sum(c.buffered() for c in conns))
-        return [opened, closed, active, refused, rx, tx, buffered, detections, http, resends, limited]
+        return [opened, closed, active, refused, rx, tx, buffered, detections, http, resends, limited, tls]
 
 
 class _ClusterCollector:
@@ -116,6 +122,9 @@ class _ClusterCollector:
                                     labels=["cluster"])
         panic = GaugeMetricFamily("sidecar_outlier_panic", "1 while every endpoint is ejected and traffic goes "
                                   "to all of them anyway.", labels=["cluster"])
+        tls = CounterMetricFamily("sidecar_tls_originations", "mTLS connections to clusters with tls.mode mutual, "
+                                  "by result: ok, or the handshake's failure reason (identity_mismatch, "
+                                  "unknown_ca, no_local_identity, ...).", labels=["cluster", "result"])
         for state in self._states():
             name = state.name
             attempts.add_metric([name], state.attempts)
@@ -134,7 +143,41 @@ class _ClusterCollector:
                 ejections.add_metric([name], det.ejections_total)
                 ejected.add_metric([name], det.ejected_now)
                 panic.add_metric([name], 1 if det.panic else 0)
-        return [attempts, retries, skipped, overflow, active, limit, ejections, ejected, panic]
+            for result, count in state.tls.items():
+                tls.add_metric([name, result], count)
+        return [attempts, retries, skipped, overflow, active, limit, ejections, ejected, panic, tls]
+
+
+class _IdentityCollector:
+    """The workload certificate: expiry, rotations applied and refused."""
+
+    def __init__(self, mesh: Callable[[], object]) -> None:
+        self._mesh = mesh
+
+    def collect(self):
+        mesh = self._mesh()
+        if mesh is None:
+            return []
+        source = mesh.source
+        cert = GaugeMetricFamily("sidecar_tls_certificate_expiry_timestamp_seconds",
+                                 "notAfter of the workload certificate in use (alert well before it).")
+        bundle = GaugeMetricFamily("sidecar_tls_trust_bundle_expiry_timestamp_seconds",
+                                   "The earliest notAfter among the trust bundle's CA certificates.")
+        if source.not_after is not None:
+            cert.add_metric([], source.not_after)
+        if source.bundle_not_after is not None:
+            bundle.add_metric([], source.bundle_not_after)
+        reloads = CounterMetricFamily("sidecar_tls_identity_reloads",
+                                      "Changed certificate files: applied, or refused by reason (the previous "
+                                      "identity stays).", labels=["result"])
+        reloads.add_metric(["applied"], source.reloads)
+        for reason, count in source.rejected.items():
+            reloads.add_metric([reason], count)
+        expired = CounterMetricFamily("sidecar_tls_expired_refusals",
+                                      "Handshakes refused because the workload certificate had expired and no "
+                                      "valid one replaced it.")
+        expired.add_metric([], source.expired_refusals)
+        return [cert, bundle, reloads, expired]
 
 
 class Metrics:
@@ -184,6 +227,9 @@ class Metrics:
 
     def watch_clusters(self, states: Callable[[], Iterable]) -> None:
         self.registry.register(_ClusterCollector(states))
+
+    def watch_identity(self, mesh: Callable[[], object]) -> None:
+        self.registry.register(_IdentityCollector(mesh))
 
     def snapshot_applied(self, snapshot) -> None:
         labels = (str(snapshot.version), snapshot.digest[:12], snapshot.source)

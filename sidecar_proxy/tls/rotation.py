@@ -63,6 +63,7 @@ class TLSContexts:
     client: ssl.SSLContext
     identity: WorkloadIdentity
     generation: int  # 1 for the first identity loaded, +1 per applied rotation
+    client_opaque: ssl.SSLContext | None = None  # a client context offering opaque_alpn (TCP origination)
 
 
 _StatKey = tuple  # per file: (st_ino, st_size, st_mtime_ns) or the errno it failed with
@@ -79,12 +80,14 @@ class IdentitySource:
 
     def __init__(self, cert_path: str | Path, key_path: str | Path, bundle_path: str | Path, *,
                  poll_interval: float = DEFAULT_POLL_INTERVAL, clock: Callable[[], float] = time.time,
-                 server_alpn: Sequence[str] = SERVER_ALPN, client_alpn: Sequence[str] = CLIENT_ALPN) -> None:
+                 server_alpn: Sequence[str] = SERVER_ALPN, client_alpn: Sequence[str] = CLIENT_ALPN,
+                 opaque_alpn: Sequence[str] | None = None) -> None:
         self.paths = (Path(cert_path), Path(key_path), Path(bundle_path))
         self.poll_interval = poll_interval
         self.clock = clock
         self.server_alpn = tuple(server_alpn)
         self.client_alpn = tuple(client_alpn)
+        self.opaque_alpn = tuple(opaque_alpn) if opaque_alpn is not None else None
         self._live: TLSContexts | None = None
         self._stat: _StatKey | None = None
         self._refused_digest: str | None = None
@@ -192,7 +195,8 @@ class IdentitySource:
     def _apply(self, identity: WorkloadIdentity) -> TLSContexts:
         live = self._live
         contexts = TLSContexts(server_context(identity, self.server_alpn), client_context(identity, self.client_alpn),
-                               identity, live.generation + 1 if live is not None else 1)
+                               identity, live.generation + 1 if live is not None else 1,
+                               client_context(identity, self.opaque_alpn) if self.opaque_alpn is not None else None)
         self._live = contexts
         self._refused_digest = None
         self._retry_at = float("inf")

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
@@ -23,8 +24,9 @@ from ..protocols.http1.runtime import HttpRuntime
 from ..protocols.http1.exchange import RequestIds
 from ..policies.rate_limit import RateLimiters
 from ..routing.table import RouteTable
-from ..upstream.balancer import make_picker
-from ..upstream.cluster import ClusterStates
+from ..tls.identity import IdentityError
+from ..tls.mesh import MeshTls
+from ..upstream.cluster import ClusterStates, Upstream
 from ..upstream.pool import PoolManager
 from ..addr import format_addr
 from ..logs import Throttle
@@ -45,7 +47,7 @@ class ListenerState:
     """
 
     __slots__ = ("name", "connections", "opened", "closed", "closed_rx", "closed_tx", "refused", "detections",
-                 "http_requests", "http_resends", "rate_limits")
+                 "http_requests", "http_resends", "rate_limits", "tls")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -59,12 +61,16 @@ class ListenerState:
         self.http_requests: dict[tuple[int, str], int] = {}  # (status // 100, response flag or "-")
         self.http_resends = 0  # requests sent again after a reused upstream connection closed under them
         self.rate_limits: dict = {}  # route name -> LocalRateLimit (its counters are read at scrape time)
+        self.tls: dict[str, int] = {}  # mTLS terminations: "ok" or the refusal reason (tls.reasons)
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def count_detection(self, outcome: str) -> None:
         self.detections[outcome] = self.detections.get(outcome, 0) + 1
+
+    def count_tls(self, outcome: str) -> None:
+        self.tls[outcome] = self.tls.get(outcome, 0) + 1
 
 
 class ListenerRuntime:
@@ -75,14 +81,18 @@ class ListenerRuntime:
     """
 
     __slots__ = ("listener", "state", "loop", "own_ports", "snapshot_version", "log_throttle", "http",
-                 "tcp_cluster", "tcp_route", "clusters", "pickers", "_metrics", "_failures", "_connect_seconds")
+                 "tcp_cluster", "tcp_route", "clusters", "pickers", "_metrics", "_failures", "_connect_seconds",
+                 "mesh", "tls_mode", "upstreams")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState,
                  loop: asyncio.AbstractEventLoop, own_ports: frozenset[int], snapshot_version: int,
                  metrics: Metrics, log_throttle: Throttle, pools: PoolManager,
                  request_ids: RequestIds | None = None, codec_override: str | None = None,
-                 rate_limiters: RateLimiters | None = None, cluster_states: ClusterStates | None = None) -> None:
+                 rate_limiters: RateLimiters | None = None, cluster_states: ClusterStates | None = None,
+                 mesh: MeshTls | None = None) -> None:
         self.listener = listener
+        self.mesh = mesh  # the workload identity (None without a tls section)
+        self.tls_mode = listener.tls.mode
         self.state = state
         self.loop = loop
         self.own_ports = own_ports
@@ -96,15 +106,16 @@ class ListenerRuntime:
             self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, log_throttle,
                                     request_ids or RequestIds(), self.connect_seconds, self.connect_failures,
                                     rate_limiters or RateLimiters(time.monotonic),
-                                    cluster_states or ClusterStates(), codec_override)
+                                    cluster_states or ClusterStates(), mesh, codec_override)
             table = self.http.table
             self.clusters = self.http.clusters
-            self.pickers = {name: up.picker for name, up in self.http.upstreams.items()}
+            self.upstreams = self.http.upstreams
         else:
             table = RouteTable(listener.routes, config.route_tables[listener.routes])
             self.clusters = dict(config.clusters)
-            self.pickers = {name: make_picker(c) for name, c in config.clusters.items()
-                            if not c.original_destination}
+            states = cluster_states or ClusterStates()
+            self.upstreams = {name: Upstream(c, states.get(c)) for name, c in config.clusters.items()}
+        self.pickers = {name: up.picker for name, up in self.upstreams.items() if up.picker is not None}
         # Bytes that are not HTTP go to the table's first catch-all route
         # (the validator makes tcp listeners have one), or where they were going.
         self.tcp_route = table.tcp_route()
@@ -201,6 +212,7 @@ class ListenerManager:
         self.request_ids = RequestIds()  # one x-request-id sequence per process, across snapshots
         self.rate_limiters = RateLimiters(time.monotonic)  # route buckets, across snapshots
         self.cluster_states = ClusterStates()  # breakers, retry budgets, outlier detectors, across snapshots
+        self.mesh: MeshTls | None = None       # the workload identity of the live config's tls section
         self.states: dict[str, ListenerState] = {}
         self._bound: dict[str, _Bound] = {}
         self._runtimes: dict[str, ListenerRuntime] = {}
@@ -215,13 +227,28 @@ class ListenerManager:
             raise UpdateRejected([("", "the proxy is draining; config updates are refused")])
         config = new.config
         own_ports = frozenset(l.port for l in config.listeners.values())
+        # The same tls section keeps its identity source (and its rotations); another one is loaded
+        # now, so a config naming unreadable or invalid certificates is refused, not half applied.
+        mesh = self.mesh
+        if config.tls is None:
+            mesh = None
+        elif mesh is None or mesh.settings != config.tls:
+            mesh = MeshTls(config.tls)
+            try:
+                mesh.source.load()
+            except IdentityError as exc:
+                raise UpdateRejected([("tls", f"the workload identity cannot be used ({exc.reason}): "
+                                              f"{exc.detail}")]) from None
+            except (ssl.SSLError, OSError) as exc:  # OpenSSL refused what cryptography accepted
+                raise UpdateRejected([("tls", f"the workload identity cannot be used: {exc}")]) from None
         runtimes = {}
         for name, listener in config.listeners.items():
             state = self.states.get(name) or ListenerState(name)
             try:
                 runtimes[name] = ListenerRuntime(listener, config, state, self.loop, own_ports, new.version,
                                                  self.metrics, self.log_throttle, self.pools, self.request_ids,
-                                                 self.codec_override, self.rate_limiters, self.cluster_states)
+                                                 self.codec_override, self.rate_limiters, self.cluster_states,
+                                                 mesh)
             except ValueError as exc:  # an http1 codec that is not installed
                 raise UpdateRejected([(f"listeners.{name}.http.codec", str(exc))]) from None
         to_bind = [l for n, l in config.listeners.items()
@@ -262,6 +289,12 @@ class ListenerManager:
                                           for name, rt in runtimes.items() if rt.http is not None
                                           for route in rt.http.rate_limits})
             self.cluster_states.apply([*config.clusters.values(), PASSTHROUGH])
+            if mesh is not self.mesh:
+                if self.mesh is not None:
+                    self.mesh.stop()  # connections keep the contexts they were made with
+                if mesh is not None:
+                    mesh.start(self.loop)
+                self.mesh = mesh
             self._runtimes = runtimes
             pending, self._pending = self._pending, {}
             for name, bound in pending.items():
@@ -316,6 +349,8 @@ class ListenerManager:
         upstream connections are closed.
         """
         self.accepting = False
+        if self.mesh is not None:
+            self.mesh.stop()
         for bound in self._bound.values():
             bound.server.close()
         for relay in list(self.connections()):

@@ -27,6 +27,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ..addr import format_addr
+from ..tls.handshake import HandshakeFailed, server_handshake
+from ..tls.mesh import MESH_ALPN, half_close
 from .detect import MAX_SNIFF_BYTES, Detection, Proto, sniff
 from .original_dst import is_own_listener, original_dst
 
@@ -49,6 +51,7 @@ CLOSE_REASONS = ("normal", "reset", "idle_timeout", "connect_failed", "refused",
 
 # Connection states as shown by /connections.
 DETECTING = "detecting"
+TLS_HANDSHAKE = "tls_handshake"
 CONNECTING = "connecting"
 ESTABLISHED = "established"
 HTTP = "http"          # an HTTP/1 session: requests are routed one by one
@@ -87,7 +90,7 @@ def abort_with_rst(transport: asyncio.BaseTransport) -> None:
 class _Side(asyncio.Protocol):
     """One socket of a relay; forwards what it reads to its peer side."""
 
-    __slots__ = ("relay", "transport", "peer", "eof", "nbytes", "lost")
+    __slots__ = ("relay", "transport", "peer", "eof", "nbytes", "lost", "tls")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -96,6 +99,7 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.nbytes = 0  # bytes read from this socket
         self.lost = False
+        self.tls = False  # the transport is TLS: no half-close
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -114,9 +118,9 @@ class _Side(asyncio.Protocol):
         elif peer.eof:
             self.relay.close()
         elif not peer.transport.is_closing():
-            peer.transport.write_eof()
-        # True keeps our sending direction open (half-close).
-        return True
+            half_close(peer.transport)
+        # True keeps our sending direction open (half-close); TLS cannot, and warns if asked.
+        return not self.tls
 
     def pause_writing(self) -> None:
         peer = self.peer
@@ -158,7 +162,8 @@ class Relay:
 
     __slots__ = ("rt", "down", "up", "peer_addr", "orig_dst", "upstream_addr", "state",
                  "created", "seen_bytes", "quiet_ticks", "timer", "connect_task", "closed",
-                 "close_reason", "early", "detection", "detect_timer", "cluster", "session", "http_tx")
+                 "close_reason", "early", "detection", "detect_timer", "cluster", "session", "http_tx",
+                 "peer_id", "tls_version")
 
     def __init__(self, rt: ListenerRuntime) -> None:
         self.rt = rt
@@ -182,6 +187,8 @@ class Relay:
         self.cluster = None  # the TCP relay's cluster, chosen when relaying starts
         self.session = None  # the HTTP session while the connection speaks HTTP/1
         self.http_tx = 0     # bytes read from upstreams on behalf of the HTTP session
+        self.peer_id: str | None = None      # the client's SPIFFE ID, once mTLS was terminated
+        self.tls_version: str | None = None
 
     # --- accept -> destination -> connect
 
@@ -209,12 +216,13 @@ class Relay:
         limit = rt.listener.buffer_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         protocol = rt.listener.protocol
-        if protocol == "http":
+        tls_mode = rt.tls_mode
+        if protocol == "http" and tls_mode == "disable":
             self._start_http()
             return
-        if protocol == "auto":
+        if protocol == "auto" or tls_mode != "disable":
             port = self.orig_dst[1] if self.orig_dst else rt.listener.port
-            if port in rt.listener.opaque_ports:
+            if protocol == "auto" and port in rt.listener.opaque_ports and tls_mode != "strict":
                 rt.state.count_detection("opaque_port")
             else:
                 # Read the client's first bytes before choosing how to relay.
@@ -226,6 +234,11 @@ class Relay:
 
     def _relay_tcp(self) -> None:
         """Relay bytes to the listener's TCP route: its cluster, or where the connection was going."""
+        route = self.rt.tcp_route
+        if route is not None and route.allow is not None and (
+                self.peer_id is None or not route.allow.matches(self.peer_id)):
+            self.refuse("unauthorized")  # the route's authorization: not one byte reaches the app
+            return
         self.cluster, target = self.rt.tcp_target(self.orig_dst)
         if target is None or is_own_listener(target, self.rt.own_ports):
             self.refuse("redirect_loop" if target is not None else "no_route")
@@ -261,11 +274,81 @@ class Relay:
         rt.state.count_detection(outcome or found.proto.value)
         if self.closed or self.down.lost:
             return
-        if found.proto is Proto.HTTP1 and rt.http is not None:
+        if self.peer_id is None and rt.tls_mode != "disable":
+            if found.proto is Proto.TLS and (rt.tls_mode == "strict" or MESH_ALPN in found.alpn):
+                self._start_tls()
+                return
+            if rt.tls_mode == "strict":
+                rt.state.count_tls("plaintext")
+                self.refuse("plaintext")  # strict mTLS: nothing else reaches the app
+                return
+        if rt.listener.protocol == "http" or (found.proto is Proto.HTTP1 and rt.http is not None):
             self._start_http()
             return
-        # TLS and HTTP/2 are relayed as TCP until their issues land.
+        # Other TLS (an application's own, or any on a listener without mTLS) and HTTP/2 are relayed as TCP.
         self._relay_tcp()
+
+    # --- mTLS termination (listener tls.mode permissive / strict)
+
+    def _start_tls(self) -> None:
+        rt = self.rt
+        contexts = rt.mesh.source.current() if rt.mesh is not None else None
+        if contexts is None:
+            rt.state.count_tls("no_local_identity")
+            self.refuse("no_local_identity")  # the workload certificate expired and nothing replaced it
+            return
+        self.state = TLS_HANDSHAKE
+        early, self.early = self.early, None
+        self.connect_task = rt.loop.create_task(self._handshake(contexts.server, b"".join(early) if early else b""))
+
+    async def _handshake(self, ctx, early: bytes) -> None:
+        rt = self.rt
+        try:
+            est = await server_handshake(rt.loop, self.down.transport, self.down, ctx,
+                                         timeout=rt.mesh.handshake_timeout, early=early)
+        except HandshakeFailed as exc:
+            # The connection is aborted already and its events went to the handshake, not to us.
+            rt.state.count_tls(exc.reason)
+            rt.state.count_refused("tls_handshake")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tls handshake refused", extra={"fields": {
+                    "listener": rt.listener.name, "reason": exc.reason, "detail": exc.detail,
+                    "downstream": format_addr(self.peer_addr)}})
+            self.close_reason = "refused"
+            if not self.down.lost:  # else side_lost finished it (the client left before the handshake began)
+                self._finish()
+            return
+        except asyncio.CancelledError:
+            if not self.down.lost:
+                self._finish()
+            raise
+        finally:
+            self.connect_task = None
+        rt.state.count_tls("ok")
+        down = self.down
+        down.transport = transport = est.transport
+        down.tls = True
+        self.peer_id = est.peer.spiffe_id
+        self.tls_version = est.version
+        # What arrived with the handshake's last flight is handed to `down` in the next callback (it
+        # lands in self.early, reading paused): let that happen before choosing the next protocol.
+        await asyncio.sleep(0)
+        if self.closed or down.lost:
+            if not transport.is_closing():
+                transport.abort()
+            return
+        limit = rt.listener.buffer_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        protocol = rt.listener.protocol
+        if rt.http is not None and (protocol == "http" or est.alpn == "http/1.1"):
+            self._start_http()
+        elif protocol == "tcp" or rt.http is None:
+            self._relay_tcp()
+        else:
+            # Opaque bytes inside (a peer's TCP relay): sniff what the decrypted stream starts with.
+            self.state = DETECTING
+            self.detect_timer = rt.loop.call_later(rt.listener.detection_timeout, self._detection_timed_out)
+            transport.resume_reading()
 
     def _detection_timed_out(self) -> None:
         self.detect_timer = None
@@ -293,17 +376,31 @@ class Relay:
         loop = rt.loop
         # perf_counter, not loop.time(): uvloop's clock ticks in milliseconds.
         began = time.perf_counter()
+        up = rt.upstreams.get(self.cluster.name)  # None for transparent passthrough
         try:
-            async with asyncio.timeout(self.cluster.connect_timeout):
-                await loop.create_connection(self._make_upstream, target[0], target[1])
+            if up is not None and up.tls_expected is not None:
+                # mTLS origination; the peer's listener sniffs the decrypted bytes (opaque ALPN).
+                side = _Upstream(self)
+                side.tls = True
+                await rt.mesh.connect(loop, target[0], target[1], side, up.tls_expected,
+                                      opaque=True, connect_timeout=self.cluster.connect_timeout, sni=up.tls_sni)
+                self._link(side)
+                up.state.tls["ok"] = up.state.tls.get("ok", 0) + 1
+            else:
+                async with asyncio.timeout(self.cluster.connect_timeout):
+                    await loop.create_connection(self._make_upstream, target[0], target[1])
         except asyncio.CancelledError:
             self.closed = True
             if self.up is not None and self.up.transport is not None:
                 self.up.transport.abort()
             abort_with_rst(self.down.transport)
             raise
-        except (OSError, TimeoutError) as exc:
-            reason = connect_failure_reason(exc)
+        except (OSError, TimeoutError, HandshakeFailed) as exc:
+            if isinstance(exc, HandshakeFailed):
+                reason = "tls"
+                up.state.tls[exc.reason] = up.state.tls.get(exc.reason, 0) + 1
+            else:
+                reason = connect_failure_reason(exc)
             rt.connect_failures(self.cluster.name, reason)
             self.close_reason = "connect_failed"
             held = rt.log_throttle.allow(self.cluster.name)
@@ -335,7 +432,10 @@ class Relay:
             self.down.transport.pause_reading()
 
     def _make_upstream(self) -> _Upstream:
-        up = _Upstream(self)
+        return self._link(_Upstream(self))
+
+    def _link(self, up: _Upstream) -> _Upstream:
+        """The upstream side joins the relay once connected (until then downstream bytes are held)."""
         up.peer = self.down
         self.down.peer = up
         self.up = up
@@ -353,7 +453,7 @@ class Relay:
             up.transport.writelines(self.early)
             self.early = None
         if down.eof:
-            up.transport.write_eof()
+            half_close(up.transport)
         else:
             down.transport.resume_reading()
         self._arm_idle_timer()
@@ -450,6 +550,7 @@ class Relay:
         self.state = ESTABLISHED
         up = _Upstream(self)
         up.transport = upstream
+        up.tls = upstream.get_extra_info("ssl_object") is not None
         up.peer = self.down
         self.down.peer = up
         self.up = up
@@ -490,6 +591,8 @@ class Relay:
             "http_requests": self.session.requests if self.session is not None else None,
             "protocol": self.detection.proto.value if self.detection else None,
             "sni": self.detection.sni if self.detection else None,
+            "tls": self.tls_version,
+            "peer_identity": self.peer_id,
             "rx_bytes": self.down.nbytes,
             "tx_bytes": self.up.nbytes if self.up is not None else 0,
             "buffered_bytes": self.buffered(),

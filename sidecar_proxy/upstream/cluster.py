@@ -24,6 +24,7 @@ from ..config.model import PASSTHROUGH, Cluster
 from ..policies.retry import RetryBudget
 from .balancer import make_picker, random_pick
 from .breaker import CircuitBreakers
+from ..tls.spiffe import IdentityMatcher
 from .outlier import OutlierDetector
 from .pool import PoolManager
 
@@ -42,7 +43,7 @@ _UNBOUNDED = 2 ** 31
 class ClusterState:
     """Per cluster name: breakers, retry budget, outlier detector, in-flight counts, counters."""
 
-    __slots__ = ("name", "breakers", "budget", "detector", "attempts", "retries", "skipped", "_settings")
+    __slots__ = ("name", "breakers", "budget", "detector", "attempts", "retries", "skipped", "tls", "_settings")
 
     def __init__(self, cluster: Cluster, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = cluster.name
@@ -52,6 +53,7 @@ class ClusterState:
         self.attempts = 0                        # tries sent (first tries and retries)
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        self.tls: dict[str, int] = {}   # mTLS originations: "ok" or the failure reason (tls.reasons)
         self._settings = None
         self.apply(cluster, clock)
 
@@ -87,6 +89,7 @@ class ClusterState:
                 "retry_budget": {"percent": self.budget.ratio * 100, "min_retries": self.budget.min_retries,
                                  "exhausted": self.budget.exhausted},
                 "attempts": self.attempts, "retries": dict(self.retries), "retries_skipped": dict(self.skipped),
+                "tls_originations": dict(self.tls),
                 "outlier_detection": None if det is None else {
                     "ejected": [format_addr(ep) for ep in det.endpoints if det.is_ejected(ep)],
                     "ejections_total": det.ejections_total, "panic": det.panic}}
@@ -137,13 +140,18 @@ def _in_flight(cluster: str, endpoints: tuple[Addr, ...], pools: PoolManager) ->
 class Upstream:
     """One cluster under one snapshot: config, shared state, and the endpoint picker."""
 
-    __slots__ = ("name", "cluster", "state", "picker", "retry_picker", "endpoints", "next")
+    __slots__ = ("name", "cluster", "state", "picker", "retry_picker", "endpoints", "next", "tls_expected",
+                 "tls_sni")
 
     def __init__(self, cluster: Cluster, state: ClusterState, pools: PoolManager | None = None) -> None:
         self.name = cluster.name
         self.cluster = cluster
         self.state = state
         self.endpoints: tuple[Addr, ...] = tuple((ep.host, ep.port) for ep in cluster.endpoints)
+        # tls.mode mutual: connections originate mTLS and the server must be one of these SPIFFE IDs.
+        tls = cluster.tls
+        self.tls_expected = IdentityMatcher(tls.peer_identity) if tls.mode == "mutual" else None
+        self.tls_sni = tls.sni
         self.picker = make_picker(cluster, _in_flight(cluster.name, self.endpoints, pools) if pools else None)
         # The picker's no-argument form (round robin's own rotation, no wrapper call), or None.
         self.next = getattr(self.picker, "turn", self.picker)

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 from ...addr import format_addr
 from ...policies.rate_limit import rate_limit_headers
 from ...transport.relay import connect_failure_reason
+from ...tls.handshake import HandshakeFailed
 from ...transport.original_dst import is_own_listener
-from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_DIRECT_RESPONSE,
+from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_ACCESS_DENIED,
+                      FLAG_DIRECT_RESPONSE,
                       FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_LOOP, FLAG_NO_ROUTE,
                       FLAG_RATE_LIMITED, FLAG_RETRY_LIMIT, FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_OVERFLOW,
                       FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED, FLAG_UPSTREAM_TIMEOUT, HttpError, Request,
@@ -50,6 +52,9 @@ XFP_LINE = field_line(b"x-forwarded-proto", b"http")
 # Request fields the proxy edits or leaves alone instead of adding its own.
 PROXY_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
 
+# What a route's rate limit keys its buckets by (HttpRuntime.rate_limits).
+RL_ROUTE, RL_CLIENT_IP, RL_HEADER, RL_PEER = 0, 1, 2, 3
+
 # RFC 9110 9.2.1: a bodiless request with one of these may be sent again.
 _SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
@@ -72,7 +77,7 @@ _OUT_RAW = 1       # as received (Content-Length, or close-delimited to an HTTP/
 _OUT_CHUNKED = 2   # re-chunked (chunked or close-delimited upstream, HTTP/1.1 client)
 
 _STATUS_REASONS = {400: "bad request", 404: "no route", 408: "request header timeout", 414: "URI too long",
-                   508: "loop detected", 429: "rate limited",
+                   508: "loop detected", 429: "rate limited", 403: "forbidden",
                    431: "request header fields too large", 501: "not implemented", 502: "bad gateway",
                    503: "upstream unavailable", 504: "upstream timeout"}
 
@@ -240,11 +245,20 @@ class Exchange(Retries):
             up = rt.passthrough
         else:
             self.route = route
+            allow = route.allow
+            if allow is not None:
+                peer = session.relay.peer_id
+                if peer is None or not allow.matches(peer):
+                    self.local(403, FLAG_ACCESS_DENIED, f"identity {peer or 'none (no mTLS)'} is not allowed "
+                                                        f"by route {route.name}")
+                    return
             if rt.rate_limits:
                 limit = rt.rate_limits.get(route)
                 if limit is not None:
-                    # (limiter, by client address, by this header, quota, window); see HttpRuntime.
-                    key = session.peer_ip if limit[1] else (req.header(limit[2]) if limit[2] is not None else None)
+                    # (limiter, key kind, header, quota, window); see HttpRuntime.
+                    kind = limit[1]
+                    key = (None if kind == RL_ROUTE else session.peer_ip if kind == RL_CLIENT_IP
+                           else req.header(limit[2]) if kind == RL_HEADER else session.relay.peer_id)
                     wait = limit[0].allow(key)
                     if wait:
                         self._rate_limited(limit, key, wait)
@@ -317,8 +331,7 @@ class Exchange(Retries):
         session = self.session
         session.block(BLOCK_WAITING)
         self.opening = True
-        self.connect_task = session.loop.create_task(self._connect(self.pool, up.cluster, self.upstream_addr,
-                                                                   breakers))
+        self.connect_task = session.loop.create_task(self._connect(self.pool, up, self.upstream_addr, breakers))
 
     def _rate_limited(self, limit: tuple, key: bytes | None, wait: float) -> None:
         """The route's local rate limit refused the request: 429 with Retry-After and RateLimit-*."""
@@ -329,29 +342,45 @@ class Exchange(Retries):
         self._local_write(429, b"rate limited\n", b"text/plain", rate_limit_headers(decision, quota, window),
                           close=not self.req_ended and self.req.framing != BODY_NONE)
 
-    async def _connect(self, pool: Pool, cluster, target: tuple[str, int], breakers) -> None:
+    async def _connect(self, pool: Pool, up: Upstream, target: tuple[str, int], breakers) -> None:
         """Holds a "pending" and a "connections" breaker slot (taken by _send_to): the first until the
-        connect ends, the second for the connection's life (UpstreamConn.connection_lost)."""
+        connect ends, the second for the connection's life (UpstreamConn.connection_lost).
+
+        A cluster with tls.mode mutual connects with mTLS: a failed handshake is a connect failure
+        (reason "tls"; the TLS reason is counted per cluster and named in the log).
+        """
         self.opening = False  # from here on, this coroutine releases the slots
         session = self.session
         rt = session.rt
+        cluster = up.cluster
         began = time.perf_counter()
         conn = pool.new_conn()
         conn.breakers = breakers
         try:
-            async with asyncio.timeout(cluster.connect_timeout):
-                await session.loop.create_connection(lambda: conn, target[0], target[1])
+            if up.tls_expected is not None:
+                await rt.mesh.connect(session.loop, target[0], target[1], conn, up.tls_expected, opaque=False,
+                                      connect_timeout=cluster.connect_timeout, sni=up.tls_sni)
+                up.state.tls["ok"] = up.state.tls.get("ok", 0) + 1
+            else:
+                async with asyncio.timeout(cluster.connect_timeout):
+                    await session.loop.create_connection(lambda: conn, target[0], target[1])
         except asyncio.CancelledError:
             breakers.release("pending")
             pool.active -= 1
             conn.abort()
             raise
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, HandshakeFailed) as exc:
             breakers.release("pending")
             pool.active -= 1
             conn.abort()
             self.connect_task = None
-            reason = connect_failure_reason(exc)
+            if isinstance(exc, HandshakeFailed):
+                reason = "tls"
+                up.state.tls[exc.reason] = up.state.tls.get(exc.reason, 0) + 1
+                detail = f"mTLS to {format_addr(target)}: {exc.reason} ({exc.detail})"
+            else:
+                reason = connect_failure_reason(exc)
+                detail = f"connect to {format_addr(target)}: {reason}"
             rt.connect_failures(cluster.name, reason)
             if self.finished:
                 return
@@ -360,7 +389,7 @@ class Exchange(Retries):
                 return
             if not session.queue:
                 session.unblock(BLOCK_WAITING)  # the connection stays usable after the 503
-            self.local(503, FLAG_UPSTREAM_CONNECT_FAILURE, f"connect to {format_addr(target)}: {reason}")
+            self.local(503, FLAG_UPSTREAM_CONNECT_FAILURE, detail)
             return
         breakers.release("pending")
         self.connect_task = None

@@ -16,7 +16,7 @@ from ...routing.table import RouteTable
 from ...upstream.cluster import ClusterStates, Upstream
 from ...upstream.pool import Pool, PoolManager
 from . import resolve_codec
-from .exchange import HOP_BY_HOP, RequestIds
+from .exchange import HOP_BY_HOP, RL_CLIENT_IP, RL_HEADER, RL_PEER, RL_ROUTE, RequestIds
 from .serialize import field_lines
 
 if TYPE_CHECKING:
@@ -38,15 +38,16 @@ class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "upstreams", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
-                 "edits", "rate_limits")
+                 "edits", "rate_limits", "mesh")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
                  connect_seconds: Callable[[str], object], connect_failures: Callable[[str, str], None],
-                 rate_limiters: RateLimiters, cluster_states: ClusterStates,
+                 rate_limiters: RateLimiters, cluster_states: ClusterStates, mesh=None,
                  codec_override: str | None = None) -> None:
         opts = listener.http
         self.name = listener.name
+        self.mesh = mesh  # tls.mesh.MeshTls: originating mTLS to clusters with tls.mode mutual
         self.loop = loop
         self.state = state
         self.codec = resolve_codec(codec_override or opts.codec)
@@ -74,15 +75,17 @@ class HttpRuntime:
         # What forwarding needs of each route, made once: the field names to
         # drop and the checked field lines to add, each way. Key None: no route.
         self.edits: dict = {None: RouteEdits(HOP_BY_HOP, b"", HOP_BY_HOP, b"")}
-        # Routes with a rate_limit: (limiter, key kind, header name, ratelimit-* quota and window).
+        # Routes with a rate_limit: (limiter, key kind, header name, ratelimit-* quota and window);
+        # key kinds: RL_ROUTE one bucket, RL_CLIENT_IP, RL_HEADER (that field's value), RL_PEER (SPIFFE ID).
         self.rate_limits: dict = {}
         for route in self.table.routes:
             rl = route.route.rate_limit
             if rl is not None:
                 limiter = rate_limiters.get(listener.name, route.name, rl)
                 header = rl.key[7:].encode() if rl.key is not None and rl.key.startswith("header:") else None
-                self.rate_limits[route] = (limiter, rl.key == "client_ip", header, rl.burst,
-                                      rl.burst / rl.requests_per_second)
+                kind = (RL_HEADER if header is not None else RL_CLIENT_IP if rl.key == "client_ip"
+                        else RL_PEER if rl.key == "peer_identity" else RL_ROUTE)
+                self.rate_limits[route] = (limiter, kind, header, rl.burst, rl.burst / rl.requests_per_second)
         for route in self.table.routes:
             self.edits[route] = RouteEdits(HOP_BY_HOP | route.request_remove,
                                            field_lines(route.request_set + route.request_add),

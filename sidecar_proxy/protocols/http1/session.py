@@ -444,6 +444,9 @@ class Session(asyncio.Protocol):
             return
         self.blocks = 0
         transport.resume_reading()
+        if not transport.can_write_eof():
+            transport.close()  # TLS cannot half-close: close after what was written
+            return
         transport.write_eof()
         self.linger = self.loop.call_later(LINGER, transport.close)
 
@@ -464,4 +467,5 @@ class Session(asyncio.Protocol):
             "authority": (req.authority or b"").decode("latin-1") if req is not None else "-",
             "cluster": ex.cluster if ex is not None else "", "upstream": format_addr(ex.upstream_addr)
             if ex is not None and ex.upstream_addr else "",
-            "downstream": format_addr(self.relay.peer_addr), "similar_not_logged": held}})
+            "downstream": format_addr(self.relay.peer_addr), "peer_identity": self.relay.peer_id or "",
+            "similar_not_logged": held}})

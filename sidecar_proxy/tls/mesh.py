@@ -1,0 +1,78 @@
+"""How the proxy uses mTLS: one rotating workload identity per ``tls:`` section, a mesh ALPN marker,
+and mutual-TLS origination to upstreams.
+
+Telling mesh mTLS from an application's own TLS: a sidecar originating
+mTLS always offers the ALPN protocol :data:`MESH_ALPN` (besides
+``http/1.1`` when it carries HTTP/1.1, alone when it carries opaque bytes).
+An inbound listener in ``permissive`` mode terminates only ClientHellos
+that offer it and relays any other TLS untouched, so a client doing its own
+TLS end to end with the application keeps working; ``strict`` terminates
+every ClientHello and refuses everything else. HTTP/2 is not offered: the
+proxy does not speak it yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from ..config.model import TlsIdentity
+from .handshake import Established, HandshakeFailed, client_handshake
+from .rotation import IdentitySource
+from .spiffe import IdentityMatcher
+
+log = logging.getLogger("sidecar_proxy.tls")
+
+MESH_ALPN = "sidecar-mesh"
+SERVER_ALPN = ("http/1.1", MESH_ALPN)        # the server's preference: HTTP/1.1 when the client offers it
+CLIENT_HTTP_ALPN = ("http/1.1", MESH_ALPN)   # an HTTP/1.1 upstream connection
+CLIENT_OPAQUE_ALPN = (MESH_ALPN,)            # relayed TCP: the peer sniffs what is inside
+
+
+class MeshTls:
+    """The workload identity of one ``tls:`` section, re-read when its files change."""
+
+    def __init__(self, settings: TlsIdentity, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.handshake_timeout = settings.handshake_timeout
+        self.source = IdentitySource(settings.cert_chain, settings.private_key, settings.trust_bundle,
+                                     poll_interval=settings.poll_interval, clock=clock, server_alpn=SERVER_ALPN,
+                                     client_alpn=CLIENT_HTTP_ALPN, opaque_alpn=CLIENT_OPAQUE_ALPN)
+        self._task: asyncio.Task | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None:
+            self._task = loop.create_task(self.source.watch())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def connect(self, loop: asyncio.AbstractEventLoop, host: str, port: int, protocol: asyncio.BaseProtocol,
+                      expected: IdentityMatcher, *, opaque: bool, connect_timeout: float,
+                      sni: str | None = None) -> Established:
+        """Connect and originate mTLS; ``protocol.connection_made`` is called with the TLS transport.
+
+        Raises OSError / TimeoutError for the TCP connect (an upstream
+        failure) and HandshakeFailed for TLS (``no_local_identity`` when the
+        workload certificate has expired and nothing replaced it).
+        """
+        contexts = self.source.current()
+        if contexts is None:
+            raise HandshakeFailed("no_local_identity", "no valid workload certificate")
+        ctx = contexts.client_opaque if opaque else contexts.client
+        est = await client_handshake(loop, host, port, protocol, ctx, expected=expected,
+                                     timeout=self.handshake_timeout, connect_timeout=connect_timeout, sni=sni)
+        protocol.connection_made(est.transport)
+        return est
+
+
+def half_close(transport: asyncio.Transport) -> None:
+    """Send a FIN where the transport can (plain TCP); a TLS transport cannot half-close, so it closes
+    after flushing what it holds."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
