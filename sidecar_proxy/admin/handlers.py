@@ -70,6 +70,11 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
         states = app.listeners.cluster_states.states
         return json_response(200, {"clusters": {name: state.stats() for name, state in sorted(states.items())}})
 
+    async def tls(_: Request) -> Response:
+        """The workload identity in use (SPIFFE ID, serial, expiry) and its rotations."""
+        mesh = app.listeners.mesh
+        return json_response(200, {"tls": mesh.status() if mesh is not None else None})
+
     async def drain(_: Request) -> Response:
         app.begin_drain()
         return json_response(200, {"draining": True, "active_connections": app.listeners.active_count(),
@@ -89,6 +94,7 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
         "/config": {"POST": post_config},
         "/connections": {"GET": connections},
         "/clusters": {"GET": clusters},
+        "/tls": {"GET": tls},
         "/drain": {"POST": drain},
         "/quitquitquit": {"POST": quit_},
     }

@@ -50,6 +50,24 @@ class MeshTls:
             self._task.cancel()
             self._task = None
 
+    def status(self) -> dict:
+        """What the admin endpoint shows: the identity in use, its expiry, rotations."""
+        source = self.source
+        identity = source.identity
+        now = time.time()
+        return {
+            "files": {"cert_chain": self.settings.cert_chain, "private_key": self.settings.private_key,
+                      "trust_bundle": self.settings.trust_bundle},
+            "spiffe_id": identity.spiffe_id if identity else None,
+            "serial": f"{identity.leaf.serial_number:x}" if identity else None,
+            "not_after": _iso(identity.not_after) if identity else None,
+            "expires_in_s": round(identity.not_after - now) if identity else None,
+            "expired": identity.expired(now) if identity else None,
+            "trust_bundle_not_after": _iso(identity.bundle_not_after) if identity else None,
+            "generation": source.generation, "reloads": source.reloads, "refused": dict(source.rejected),
+            "expired_refusals": source.expired_refusals,
+        }
+
     async def connect(self, loop: asyncio.AbstractEventLoop, host: str, port: int, protocol: asyncio.BaseProtocol,
                       expected: IdentityMatcher, *, opaque: bool, connect_timeout: float,
                       sni: str | None = None) -> Established:
@@ -67,6 +85,10 @@ class MeshTls:
                                      timeout=self.handshake_timeout, connect_timeout=connect_timeout, sni=sni)
         protocol.connection_made(est.transport)
         return est
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def half_close(transport: asyncio.Transport) -> None:

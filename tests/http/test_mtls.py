@@ -9,6 +9,7 @@ client got, and the handshake counters in /metrics.
 """
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
@@ -293,6 +294,10 @@ def test_rotation_under_load_keeps_every_request_succeeding(world):
     rotated = pki.issued("b", SERVER_ID)  # B's files rewritten in place
     wait_for(lambda: b.metric("sidecar_tls_identity_reloads_total", result="applied") == 1, 10,
              what="B to pick up its new certificate")
+    status, body = b.get("/tls")
+    shown = json.loads(body)["tls"]
+    assert status == 200 and shown["spiffe_id"] == SERVER_ID and shown["generation"] == 2
+    assert shown["serial"] == f"{rotated.cert.serial_number:x}" and shown["expires_in_s"] > 0
     seen_after = len(results)
     wait_for(lambda: len(results) >= seen_after + 20, 10, what="load after the rotation")
     stop.set()
