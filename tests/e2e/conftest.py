@@ -52,18 +52,20 @@ def _proxy_wrapper(namespace: str, gid: int | None) -> Callable[[list[str]], lis
 
 @pytest.fixture
 def start_proxy(request, netns_pair, tmp_path):
-    """Factory: ``start_proxy(config, gid=None)`` runs a ready proxy in the pod namespace.
+    """Factory: ``start_proxy(config, gid=None, namespace=None)`` runs a ready proxy in the pod namespace.
 
     ``config`` is the proxy's config as a dict; ``gid``, when given, is the
-    group the proxy runs as. Every proxy started is stopped at teardown and
-    must exit 0.
+    group the proxy runs as; ``namespace``, when given, is where it runs
+    instead of the pod namespace (e.g. ``netns_pair.remote``). Every proxy
+    started is stopped at teardown and must exit 0.
     """
     proxies: list[Proxy] = []
     request.node.stash[_PROXIES] = proxies
 
-    def start(config: dict, gid: int | None = None) -> Proxy:
+    def start(config: dict, gid: int | None = None, namespace: str | None = None) -> Proxy:
+        where = netns_pair.pod if namespace is None else namespace
         proxy = Proxy(config, tmp_path / f"proxy-{len(proxies)}", drain_time_s=DRAIN_TIME_S,
-                      wrap=_proxy_wrapper(netns_pair.pod, gid), enter=lambda: netns.entered(netns_pair.pod))
+                      wrap=_proxy_wrapper(where, gid), enter=lambda: netns.entered(where))
         proxy.wait_ready(READY_TIMEOUT_S)
         proxies.append(proxy)
         return proxy
