@@ -43,8 +43,8 @@ def check_environment() -> None:
         raise BenchmarkError(f"missing tools: {', '.join(missing)} "
                              f"(apt-get install wrk nginx-light util-linux)")
     # The proxy runs on this interpreter (sys.executable), so it sees the same packages.
-    codecs = {target.listener["http"]["codec"] for target in TARGETS
-              if target.listener and "http" in target.listener}
+    codecs = {listener["http"]["codec"] for target in TARGETS
+              for listener in target.listeners().values() if "http" in listener}
     missing = sorted(codec for codec in codecs if importlib.util.find_spec(codec) is None)
     if missing:
         raise BenchmarkError(f"missing HTTP/1 codec package(s): {', '.join(missing)} "
@@ -56,7 +56,8 @@ def check_environment() -> None:
 
 
 def check_ports_free() -> None:
-    ports = [ADMIN_PORT, BACKEND_PORT, *(t.port for t in TARGETS if t.via_proxy)]
+    ports = [ADMIN_PORT, BACKEND_PORT,
+             *(listener["port"] for t in TARGETS for listener in t.listeners().values())]
     busy = []
     for port in ports:
         with socket.socket() as probe:

@@ -1,7 +1,9 @@
 """The processes the benchmark harness (run.py) starts, and how it starts,
 waits for and stops them: nginx as the backend, the proxy, and the Processes
 registry through which every child (wrk and the idle client too) is started
-pinned to a core and stopped on exit.
+pinned to a core and stopped on exit. Also what the proxy's config needs set
+up around it: the mTLS certificate of the chain targets and the iptables
+rules that lead a chain back into the proxy (PortRedirects).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import http.client
 import os
 import pwd
+import shutil
 import signal
 import string
 import subprocess
@@ -21,16 +24,20 @@ from pathlib import Path
 import yaml
 
 from procfs import BenchmarkError
-from settings import (ADMIN_PORT, BACKEND_PORT, HOST, IDLE_TARGET, LOAD_CORE, PROXY_CORE,
-                      POLICY_CLUSTER, ROUTE_TABLES, TARGETS)
+from settings import (ADMIN_PORT, BACKEND_PORT, CLUSTERS, HOST, IDLE_TARGET, LOAD_CORE, PROXY_CORE,
+                      ROUTE_TABLES, TARGETS, TRUST_DOMAIN, WORKLOAD_ID)
 
 NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.tmpl"
+# The harness's own checkout, which makes the mTLS certificates whichever
+# checkout is measured.
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 DRAIN_TIME_S = 1
 # How long Processes.stop waits after SIGTERM: the proxy drains for
 # DRAIN_TIME_S first, and the rest is headroom for its shutdown.
 STOP_GRACE_S = DRAIN_TIME_S + 4
 STARTUP_TIMEOUT_S = 15
+REDIRECT_COMMENT = "sidecar-proxy-benchmark"
 
 
 class Processes:
@@ -65,6 +72,46 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self._running[:]):
             self.stop(proc)
+
+
+class PortRedirects:
+    """The iptables rules that send a chain's connections to its inner
+    listener (see settings.Hop): nat OUTPUT, REDIRECT from HOST:via_port to
+    the hop's port, tagged with REDIRECT_COMMENT. Added when the proxy
+    starts, removed on exit like the processes (Processes.stop_all)."""
+
+    def __init__(self) -> None:
+        self._added: list[list[str]] = []
+
+    @staticmethod
+    def _rule(via_port: int, port: int) -> list[str]:
+        return ["OUTPUT", "-p", "tcp", "-d", HOST, "--dport", str(via_port),
+                "-m", "comment", "--comment", REDIRECT_COMMENT,
+                "-j", "REDIRECT", "--to-ports", str(port)]
+
+    @staticmethod
+    def _iptables(action: str, rule: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(["iptables", "-w", "5", "-t", "nat", action, *rule],
+                              capture_output=True, text=True)
+
+    def add(self, via_port: int, port: int) -> None:
+        if shutil.which("iptables") is None:
+            raise BenchmarkError("the chain targets need iptables (apt-get install iptables) to "
+                                 "redirect to their inner listener; leave them out with --targets")
+        rule = self._rule(via_port, port)
+        # A rule left behind by a run that was killed: replaced, not doubled.
+        while self._iptables("-D", rule).returncode == 0:
+            pass
+        added = self._iptables("-A", rule)
+        if added.returncode != 0:
+            raise BenchmarkError(f"the chain targets need a nat rule redirecting {HOST}:{via_port} to "
+                                 f"port {port} (root, iptables with nat); iptables said: "
+                                 f"{added.stderr.strip()}; leave them out with --targets")
+        self._added.append(rule)
+
+    def remove_all(self) -> None:
+        while self._added:
+            self._iptables("-D", self._added.pop())
 
 
 @dataclasses.dataclass
@@ -141,27 +188,62 @@ def start_nginx(processes: Processes, workdir: Path, fd_limit: int) -> subproces
 
 def proxy_config(names: list[str]) -> dict:
     """Listeners for the proxied targets in `names` (and IDLE_TARGET, which the
-    idle-connection test always uses), so that a checkout without the L7 path
-    can still be measured with `--targets direct,proxy_l4`."""
-    listeners = {target.name: {"address": HOST, "port": target.port, **target.listener}
+    idle-connection test always uses), with only the route tables and clusters
+    they name, so that a checkout without the L7 path (or without policies, or
+    mTLS) can still be measured with `--targets direct,proxy_l4` (or without
+    the targets that need them). The top-level `tls` section an mTLS target
+    needs is added by start_proxy (see needs_mtls)."""
+    listeners = {name: {"address": HOST, **listener}
                  for target in TARGETS
-                 if target.via_proxy and (target.name in names or target.name == IDLE_TARGET)}
+                 if target.via_proxy and (target.name in names or target.name == IDLE_TARGET)
+                 for name, listener in target.listeners().items()}
     tables = {listener["routes"] for listener in listeners.values()}
+    clusters = {route["cluster"] for name in tables for route in ROUTE_TABLES[name]}
     return {
         "version": 1,
         "node": {"id": "bench"},
         "admin": {"address": HOST, "port": ADMIN_PORT},
         "listeners": listeners,
-        "clusters": {"backend": {"endpoints": [f"{HOST}:{BACKEND_PORT}"], "connect_timeout": "1s"},
-                     **({"backend_policies": {"endpoints": [f"{HOST}:{BACKEND_PORT}"], "connect_timeout": "1s",
-                                              **POLICY_CLUSTER}} if "l7_policies" in tables else {})},
+        "clusters": {name: cluster for name, cluster in CLUSTERS.items() if name in clusters},
         "route_tables": {name: routes for name, routes in ROUTE_TABLES.items() if name in tables},
     }
 
 
-def start_proxy(processes: Processes, workdir: Path, proxy_dir: Path, targets: list[str]) -> Proxy:
+def needs_mtls(config: dict) -> bool:
+    """Whether a listener or cluster of `config` has a `tls` setting, which
+    needs the top-level `tls` section (the workload certificate)."""
+    return any("tls" in part for section in ("listeners", "clusters")
+               for part in config[section].values())
+
+
+def make_workload_identity(directory: Path) -> dict:
+    """Writes a CA and one ECDSA P-256 workload certificate (WORKLOAD_ID) into
+    `directory` and returns the proxy's top-level `tls` section pointing at
+    them. Both ends of the mTLS hop are the same proxy, so one certificate
+    serves for originating and for terminating."""
+    if str(REPO_DIR) not in sys.path:
+        sys.path.insert(0, str(REPO_DIR))
+    from sidecar_proxy.tls import certs
+
+    ca = certs.make_ca(TRUST_DOMAIN, key_type="ec-p256", days=2)
+    workload = certs.issue_workload(ca, WORKLOAD_ID, key_type="ec-p256")
+    certs.write_workload(directory, workload, [ca.cert])
+    return {"cert_chain": str(directory / certs.CERT_FILE),
+            "private_key": str(directory / certs.KEY_FILE),
+            "trust_bundle": str(directory / certs.BUNDLE_FILE)}
+
+
+def start_proxy(processes: Processes, redirects: PortRedirects, workdir: Path, proxy_dir: Path,
+                targets: list[str]) -> Proxy:
+    for target in TARGETS:
+        if target.name in targets:
+            for hop in target.hops:
+                redirects.add(hop.via_port, hop.port)
     config = workdir / "proxy.yaml"
-    config.write_text(yaml.safe_dump(proxy_config(targets), sort_keys=False))
+    document = proxy_config(targets)
+    if needs_mtls(document):
+        document["tls"] = make_workload_identity(workdir / "pki")
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
     log = workdir / "proxy.log"
     cmd = [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(config),
            "--log-level", "warning", "--drain-time-s", str(DRAIN_TIME_S)]

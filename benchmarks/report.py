@@ -46,6 +46,32 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mtls_lines(results: dict) -> list[str]:
+    """What mTLS adds per request (the two chains of the same run), and the
+    handshakes behind it."""
+    lines = []
+    for cost in results.get("mtls", []):
+        plain_name, mtls_name = results["settings"]["mtls_pair"]
+        added = cost["added_us_per_req"]
+        lines.append(f"**mTLS**, {cost['scenario']}: {mtls_name} {fmt(cost['mtls_us_per_req'])} against "
+                     f"{plain_name} {fmt(cost['plain_us_per_req'])} µs/req in this run (×{fmt(cost['ratio'], 2)}): "
+                     f"mTLS adds {added:+.1f} µs per request for both ends together (originate + terminate), "
+                     f"about {added / 2:+.1f} µs per sidecar")
+    handshakes = results.get("tls_handshakes")
+    if handshakes is not None:
+        def counts(by_key: dict) -> str:
+            return ", ".join(f"{count:,.0f} {key.split('/')[1]} ({key.split('/')[0]})"
+                             for key, count in sorted(by_key.items())) or "none"
+
+        during = [f"{row['scenario']} / {row['target']} "
+                  f"{sum(row['tls_handshakes']['originations'].values()):,.0f}"
+                  for row in results["scenarios"] if row.get("tls_handshakes") is not None]
+        lines.append(f"mTLS handshakes over the whole run (warm-ups included): originated "
+                     f"{counts(handshakes['originations'])}; terminated {counts(handshakes['terminations'])}. "
+                     f"Originated during the measured runs: {'; '.join(during) or '–'}")
+    return lines
+
+
 def memory_table(idle_rss: float, idle: dict, settings: dict) -> str:
     n = f"{idle['requested']:,}"
     wanted = settings["idle_connections_wanted"]
@@ -77,6 +103,8 @@ def print_report(results: dict) -> None:
     print(scenario_table(results["scenarios"]) + "\n")
     if any(row["via_proxy"] for row in results["scenarios"]):
         print(cost_table(results["scenarios"]) + "\n")
+    for line in mtls_lines(results):
+        print(line + "\n")
     print(memory_table(results["idle_rss_mib"], results["idle_connections"], settings) + "\n")
     warnings = findings(results)
     if warnings:
@@ -88,6 +116,7 @@ def findings(results: dict) -> list[str]:
     """Things in the results that make the figures suspect."""
     settings = results["settings"]
     return (scenario_findings(results["scenarios"], settings)
+            + tls_findings(results)
             + idle_findings(results["idle_connections"], settings)
             + proxy_findings(results["proxy"], settings))
 
@@ -101,6 +130,27 @@ def scenario_findings(rows: list[dict], settings: dict) -> list[str]:
         if row["other_cpu_cores"] > settings["other_load_limit"]:
             notes.append(f"{run}: something else used {row['other_cpu_cores']:.2f} cores "
                          f"during the run; its figures are suspect")
+    return notes
+
+
+def tls_findings(results: dict) -> list[str]:
+    notes = []
+    for row in results["scenarios"]:
+        handshakes = row.get("tls_handshakes")
+        if handshakes is None:
+            continue
+        ok = sum(count for key, count in handshakes["originations"].items() if key.endswith("/ok"))
+        # The warm-up filled the pool: a kept-alive run should need no new connection.
+        if ok > row["connections"]:
+            notes.append(f"{row['scenario']} / {row['target']}: {ok:,.0f} mTLS handshakes during a "
+                         f"measured run of {row['connections']} kept-alive connections: the "
+                         f"upstream connections were not kept alive")
+    handshakes = results.get("tls_handshakes") or {}
+    for kind, by_key in handshakes.items():
+        failed = {key: count for key, count in by_key.items() if not key.endswith("/ok") and count}
+        if failed:
+            notes.append(f"mTLS {kind} that failed: "
+                         + ", ".join(f"{key} {count:,.0f}" for key, count in sorted(failed.items())))
     return notes
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import resource
@@ -28,12 +29,12 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from environment import check_environment, check_ports_free, machine_info, raise_fd_limit
-from processes import (STOP_GRACE_S, Processes, Proxy, http_get, start_nginx, start_proxy,
-                       wait_until)
+from processes import (STOP_GRACE_S, PortRedirects, Processes, Proxy, http_get, start_nginx,
+                       start_proxy, wait_until)
 from procfs import (BenchmarkError, busy_ticks, cpu_ticks, established_on_port, fd_soft_limit,
                     group_cpu_ticks, rss_mib)
 from report import print_report
-from settings import (ADMIN_PORT, BACKEND_PORT, HOST, IDLE_TARGET, LOAD_CORE, PROXY_CORE,
+from settings import (ADMIN_PORT, BACKEND_PORT, HOST, IDLE_TARGET, LOAD_CORE, MTLS_PAIR, PROXY_CORE,
                       SCENARIOS, TARGETS, Scenario, Target)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -49,6 +50,8 @@ FD_MARGIN = 64
 # flagged; a quiet machine shows about 0.01.
 OTHER_LOAD_LIMIT = 0.05
 ACTIVE_METRIC = "sidecar_tcp_connections_active"
+ORIGINATIONS_METRIC = "sidecar_tls_originations_total"
+TERMINATIONS_METRIC = "sidecar_tls_terminations_total"
 
 # Lets connections closed by a finished wrk run be torn down before the next
 # CPU sample, so each run is charged for its own teardown only.
@@ -96,6 +99,32 @@ def metric_value(text: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
+def metric_by_label(text: str, name: str, *labels: str) -> dict[str, float]:
+    """The samples of `name` summed by the values of `labels`, joined with "/"
+    ({"mtls_chain_inner/ok": 54.0, ...}); empty if the metric is absent."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                key = "/".join(sample.labels.get(label, "") for label in labels)
+                totals[key] = totals.get(key, 0) + sample.value
+    return totals
+
+
+def tls_handshakes() -> dict:
+    """mTLS handshakes so far: originated by cluster and result, terminated
+    by listener and result."""
+    metrics = proxy_metrics()
+    return {"originations": metric_by_label(metrics, ORIGINATIONS_METRIC, "cluster", "result"),
+            "terminations": metric_by_label(metrics, TERMINATIONS_METRIC, "listener", "result")}
+
+
+def handshakes_between(before: dict, after: dict) -> dict:
+    return {kind: {key: value - before[kind].get(key, 0) for key, value in counts.items()
+                   if value != before[kind].get(key, 0)}
+            for kind, counts in after.items()}
+
+
 def proxy_metrics() -> str:
     status, body = http_get(ADMIN_PORT, "/metrics")
     if status != 200:
@@ -124,11 +153,16 @@ def measure(processes: Processes, proxy: Proxy, nginx: subprocess.Popen, scenari
     url = f"{target.scheme}://{HOST}:{target.port}{scenario.path}"
     run_wrk(processes, url, scenario.connections, warmup_s)
     time.sleep(SETTLE_S)
+    # A chain's handshakes, read outside the CPU samples so that rendering
+    # /metrics is not charged to the run.
+    handshakes_before = tls_handshakes() if target.hops else None
     before = CpuSample.take(proxy, nginx)
     wrk = run_wrk(processes, url, scenario.connections, duration_s)
     time.sleep(SETTLE_S)
     after = CpuSample.take(proxy, nginx)
     proxy.ensure_alive()
+    handshakes = (handshakes_between(handshakes_before, tls_handshakes())
+                  if handshakes_before is not None else None)
 
     seconds = wrk["duration_us"] / 1e6
     requests = wrk["requests"]
@@ -159,6 +193,9 @@ def measure(processes: Processes, proxy: Proxy, nginx: subprocess.Popen, scenari
         # CPU time on the two cores not used by the proxy, nginx or wrk (other
         # programs, and kernel work not charged to a process), in cores.
         "other_cpu_cores": foreign_s / (after.at - before.at),
+        # Chains only: mTLS handshakes during the measured run (the warm-up
+        # filled the upstream pool, so a kept-alive run should make none).
+        "tls_handshakes": handshakes,
     }
 
 
@@ -179,6 +216,22 @@ def add_ratios(rows: list[dict]) -> None:
             "p50": ratio(row["latency_ms"]["p50"], base["latency_ms"]["p50"]),
             "p99": ratio(row["latency_ms"]["p99"], base["latency_ms"]["p99"]),
         }
+
+
+def mtls_costs(rows: list[dict]) -> list[dict]:
+    """Per scenario measured on both chains of MTLS_PAIR: their proxy CPU per
+    request and the difference, what mTLS adds to a request for originating
+    and terminating it (both ends are this one proxy)."""
+    plain_name, mtls_name = MTLS_PAIR
+    cost = {(row["scenario"], row["target"]): row["proxy_cpu_us_per_req"] for row in rows}
+    costs = []
+    for scenario in dict.fromkeys(row["scenario"] for row in rows):
+        plain, mtls = cost.get((scenario, plain_name)), cost.get((scenario, mtls_name))
+        if plain is None or mtls is None:
+            continue
+        costs.append({"scenario": scenario, "plain_us_per_req": plain, "mtls_us_per_req": mtls,
+                      "added_us_per_req": mtls - plain, "ratio": ratio(mtls, plain)})
+    return costs
 
 
 def read_answer(proc: subprocess.Popen, timeout_s: float) -> dict:
@@ -257,16 +310,37 @@ def measure_idle_connections(processes: Processes, proxy: Proxy) -> dict:
 # ------------------------------------------------------------------ main
 
 
-def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
+def check_targets_answer(targets: list[Target]) -> None:
+    """One request through every target before any measurement: a target
+    that answers with an error (a 508 LOOP, a 503 from a failed mTLS
+    handshake) would otherwise be measured as a fast one."""
+    path = SCENARIOS[0].path
+    for target in targets:
+        try:
+            status, body = http_get(target.port, path)
+        except (OSError, http.client.HTTPException) as error:
+            raise BenchmarkError(f"GET {path} through {target.name} failed: {error}") from None
+        if status != 200:
+            raise BenchmarkError(f"GET {path} through {target.name} answered {status}: {body.strip()!r}")
+
+
+def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes,
+                  redirects: PortRedirects) -> dict:
     nginx = start_nginx(processes, workdir, args.fd_limit)
-    proxy = start_proxy(processes, workdir, args.proxy_dir, args.targets)
+    proxy = start_proxy(processes, redirects, workdir, args.proxy_dir, args.targets)
     # Before any traffic, so that it is the footprint of the proxy alone.
     idle_rss = rss_mib(proxy.pid)
     idle = measure_idle_connections(processes, proxy)
+    # After the idle test, whose connection counts must not include the
+    # pooled connections these requests leave behind.
     targets = [target for target in TARGETS if target.name in args.targets]
+    check_targets_answer(targets)
     rows = [measure(processes, proxy, nginx, scenario, target, args.duration, args.warmup)
             for scenario in SCENARIOS for target in targets]
     add_ratios(rows)
+    # Over the whole run, warm-ups included: with keep-alive on both hops, about
+    # one origination per concurrent connection and scenario.
+    handshakes = tls_handshakes() if any(target.hops for target in targets) else None
     exit_code = processes.stop(proxy.proc)
     log_lines = proxy.log.read_text(errors="replace").splitlines()
     return {
@@ -276,10 +350,12 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes)
                      "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
                      "fd_limit": args.fd_limit, "idle_connections_wanted": IDLE_CONNECTIONS,
                      "active_metric": ACTIVE_METRIC, "other_load_limit": OTHER_LOAD_LIMIT,
-                     "stop_grace_s": STOP_GRACE_S},
+                     "stop_grace_s": STOP_GRACE_S, "mtls_pair": list(MTLS_PAIR)},
         "idle_rss_mib": idle_rss,
         "idle_connections": idle,
         "scenarios": rows,
+        "mtls": mtls_costs(rows),
+        "tls_handshakes": handshakes,
         "proxy": {"exit_code": exit_code, "log_lines": len(log_lines), "log_tail": log_lines[-20:]},
     }
 
@@ -287,7 +363,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes)
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark sidecar_proxy against nginx with wrk.")
     parser.add_argument("--quick", action="store_true",
-                        help="short runs for a smoke test (under a minute in all)")
+                        help="short runs for a smoke test (about a minute and a half in all)")
     parser.add_argument("--duration", type=int,
                         help="seconds per measured run (default 10, 3 with --quick)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write all figures to OUT")
@@ -341,17 +417,19 @@ def main() -> int:
     signal.signal(signal.SIGTERM, exit_on_signal)
     signal.signal(signal.SIGHUP, exit_on_signal)
     processes = Processes()
+    redirects = PortRedirects()
     try:
         check_environment()
         check_ports_free()
         args.fd_limit = raise_fd_limit()
         with work_directory(args.keep) as workdir:
             try:
-                results = run_benchmark(args, workdir, processes)
+                results = run_benchmark(args, workdir, processes, redirects)
             finally:
                 # A second Ctrl-C must not cut the cleanup short.
                 signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 processes.stop_all()
+                redirects.remove_all()
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     except BenchmarkError as error:
         print(f"error: {error}", file=sys.stderr)
