@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 from .model import Cluster, ClusterTls, Config, HeaderRewrite, HttpOptions, Listener, ListenerTls, Match, Retry, Route
 from ..addr import format_addr
+from .telemetry import to_document as _telemetry
 
 
 def format_duration(seconds: float) -> str:
@@ -135,6 +136,7 @@ def to_document(config: Config) -> dict:
         "listeners": {n: _listener(l) for n, l in config.listeners.items()},
         "clusters": {n: _cluster(c) for n, c in config.clusters.items()},
         "route_tables": {n: [_route(r) for r in routes] for n, routes in config.route_tables.items()},
+        "telemetry": _telemetry(config.telemetry),
     }
     if config.node.identity:
         doc["node"]["identity"] = config.node.identity

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..addr import split_host_port
-from . import http_options, model, mtls, resilience, routes as route_tables
+from . import http_options, model, mtls, resilience, routes as route_tables, telemetry as telemetry_section
 from .fields import (ConfigError, Errors, check_keys as _check_fields, describe, get, get_parsed, ip_check, join,
                      mapping_section, name_check, parse_duration, parse_size, port_check, positive)
 
@@ -29,10 +29,9 @@ MAX_DOCUMENT_BYTES = 4 << 20
 # Keys of the schema that later releases serve. Naming them lets the
 # validator say "not supported by this build yet" instead of "unknown key",
 # and a config written for a newer proxy fails loudly instead of silently
-# running without, say, telemetry. (Those of routes are in routes.py.)
-_PLANNED = {
-    "": {"telemetry"},
-}
+# running without, say, tracing. (Those of routes are in routes.py.) Empty
+# while every top-level section is served.
+_PLANNED: dict[str, set[str]] = {}
 
 
 def check_keys(err: Errors, path: str, doc: dict, allowed: set[str], kind: str) -> None:
@@ -198,10 +197,14 @@ def _cluster(err: Errors, name: str, doc: Any, has_identity: bool = False) -> mo
                          outlier_detection=outliers, tls=tls)
 
 
-def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str, model.Listener]) -> None:
+def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str, model.Listener],
+                    telemetry: model.Telemetry | None = None) -> None:
     """Two sockets on one port conflict if their addresses overlap in one family."""
     binds = [("admin", admin.address, admin.port)] if admin is not None else []
     binds += [(f"listeners.{n}", l.address, l.port) for n, l in listeners.items()]
+    if telemetry is not None and telemetry.metrics.enabled and telemetry.metrics.port:
+        # Last, so a clash is reported on the scrape port rather than on the listener.
+        binds.append(("telemetry.metrics", telemetry.metrics.address, telemetry.metrics.port))
     for i, (path_a, addr_a, port_a) in enumerate(binds):
         for path_b, addr_b, port_b in binds[:i]:
             if port_a != port_b:
@@ -211,7 +214,7 @@ def _bind_conflicts(err: Errors, admin: model.Admin | None, listeners: dict[str,
                 err.add(f"{path_a}.port", f"{addr_a}:{port_a} overlaps {path_b} ({addr_b}:{port_b})")
 
 
-_TOP_KEYS = {"version", "node", "admin", "listeners", "clusters", "route_tables", "control", "tls"}
+_TOP_KEYS = {"version", "node", "admin", "listeners", "clusters", "route_tables", "control", "tls", "telemetry"}
 
 # With a control section these may be absent: the server provides them.
 _DYNAMIC_SECTIONS = ("listeners", "clusters", "route_tables")
@@ -266,6 +269,7 @@ def build(doc: Any) -> model.Config:
     node = _node(err, doc.get("node"))
     admin = _admin(err, doc.get("admin"))
     tls = mtls.identity(err, doc.get("tls"))
+    telemetry = telemetry_section.telemetry(err, doc.get("telemetry"))
     # Present, even if with errors of its own: those are reported there, not again at every user.
     has_identity = doc.get("tls") is not None
 
@@ -302,12 +306,12 @@ def build(doc: Any) -> model.Config:
             err.add(f"listeners.{lname}.routes", f"no route table named '{table}'"
                     + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     route_tables.check_listener_tables(err, listeners, tables, clusters)
-    _bind_conflicts(err, admin, listeners)
+    _bind_conflicts(err, admin, listeners, telemetry)
     if err.items:
         raise ConfigError(err.items)
     return model.Config(node=node, admin=admin, listeners=MappingProxyType(listeners),
                         clusters=MappingProxyType(clusters), route_tables=MappingProxyType(tables),
-                        control=control, tls=tls, source_document=MappingProxyType(doc))
+                        control=control, tls=tls, telemetry=telemetry, source_document=MappingProxyType(doc))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -432,6 +432,59 @@ class Control:
     backoff_max: float = 10.0
 
 
+ACCESS_LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsOptions:
+    """``telemetry.metrics``: the per-request histograms and the dedicated scrape listener.
+
+    The admin endpoint's /metrics serves whatever the switches say; ``port``
+    is a second, plain listener for Prometheus on the pod's address, so a
+    scraper need not reach the admin endpoint (kept on loopback).
+    """
+
+    enabled: bool = True        # false: no per-request histograms and no scrape listener
+    port: int = 15090           # 0: no dedicated scrape listener
+    address: str = "0.0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogOptions:
+    """``telemetry.access_log``: one line per HTTP request on stdout."""
+
+    enabled: bool = True
+    format: str = "text"        # one of ACCESS_LOG_FORMATS
+
+
+@dataclass(frozen=True, slots=True)
+class TracingOptions:
+    """``telemetry.tracing``: OpenTelemetry spans exported over OTLP/HTTP.
+
+    Every key but ``enabled`` may be left out (None): the standard OTEL_*
+    environment variable then decides, else the default in brackets. A key
+    given here wins over the environment. (telemetry.tracing.resolve does it.)
+    """
+
+    enabled: bool = False
+    # Ratio 0..1 of new traces sampled, parent-based (an incoming traceparent's
+    # decision is followed). [OTEL_TRACES_SAMPLER/_ARG, else 0.01]
+    sampling: float | None = None
+    # OTLP/HTTP traces URL. [OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces,
+    # else http://localhost:4318/v1/traces]
+    endpoint: str | None = None
+    # Finished spans held for export; beyond it spans are dropped and counted. [OTEL_BSP_MAX_QUEUE_SIZE, else 2048]
+    max_queue_size: int | None = None
+    service_name: str | None = None   # [OTEL_SERVICE_NAME, service.name in OTEL_RESOURCE_ATTRIBUTES, "sidecar-proxy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    metrics: MetricsOptions = MetricsOptions()
+    access_log: AccessLogOptions = AccessLogOptions()
+    tracing: TracingOptions = TracingOptions()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     node: Node
@@ -442,6 +495,7 @@ class Config:
     version: int = SCHEMA_VERSION
     control: Control | None = None
     tls: TlsIdentity | None = None   # None: no listener or cluster may use mTLS
+    telemetry: Telemetry = Telemetry()
     # The document as the user wrote it (after parsing), for /config_dump.
     source_document: Mapping = field(default_factory=lambda: MappingProxyType({}), compare=False)
 

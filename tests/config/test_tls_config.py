@@ -282,12 +282,7 @@ def test_the_full_example_carries_every_new_key_and_loads():
     assert set(raw["tls"]) == set(model.TlsIdentity.__slots__)
     assert set(raw["clusters"]["payments"]["tls"]) == set(model.ClusterTls.__slots__)
     assert set(raw["listeners"]["inbound"]["tls"]) == set(model.ListenerTls.__slots__)
-    # Everything but telemetry (a later release) is served.
-    with pytest.raises(ConfigError) as info:
-        load.load_file(REPO / "config" / "example-full.yaml")
-    assert info.value.errors == [("telemetry", "is part of the schema but not supported by this build yet")]
-    del raw["telemetry"]
-    config = load.build(raw)
+    config = load.build(raw)   # everything is served, telemetry included
     assert config.tls == model.TlsIdentity("/var/run/sidecar/certs/cert.pem", "/var/run/sidecar/certs/key.pem",
                                            "/var/run/sidecar/certs/ca.pem")
     assert config.listeners["inbound"].tls.mode == "permissive"
