@@ -6,12 +6,19 @@ time per request is what the proxy spends in Python on top of the
 syscalls and event loop work the L4 relay also pays. A guide for
 optimising the data path; the wrk benchmark (run.py) is the figure that counts.
 
-    python3 benchmarks/l7_micro.py [--codec httptools|h11] [-n 50000] [--profile] [--policies]
+    python3 benchmarks/l7_micro.py [--codec httptools|h11] [-n 50000] [--profile] [--policies] [--telemetry]
 
 ``--policies`` measures, in the same run and interleaved round by round,
 the same route with every resilience policy configured and none of them
 triggering (retry, per-try timeout, rate limit, circuit breakers, outlier
 detection, least-request balancing): issue 5's "policies cost" figure.
+
+``--telemetry`` measures, the same way, the route with telemetry off against
+metrics on (the per-request histograms), tracing at 1 % and at 100 %
+sampling (spans encoded to OTLP protobuf by the export thread, then
+discarded), and the text access log (written to /dev/null by its thread).
+These rounds are timed with process CPU time, so the background threads'
+work counts: issue 6's figures.
 """
 from __future__ import annotations
 
@@ -74,6 +81,9 @@ class FakeTransport(asyncio.Transport):
     def set_write_buffer_limits(self, high=None, low=None):
         pass
 
+    def close(self):
+        pass
+
 
 class FakeRelay:
     def __init__(self, transport):
@@ -85,6 +95,7 @@ class FakeRelay:
         self.peer_addr = ("127.0.0.1", 40000)
         self.orig_dst = None
         self.http_tx = 0
+        self.peer_id = None
 
 
 CONFIG = {
@@ -116,13 +127,49 @@ def with_policies(doc: dict) -> dict:
     return doc
 
 
-def setup(loop, doc: dict, codec: str):
+class EncodeOnly:
+    """An OTLP span exporter that does the CPU work of exporting (protobuf encoding) and sends nothing."""
+
+    def export(self, spans):
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        encode_spans(spans).SerializeToString()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+    def force_flush(self, timeout_millis=30000):
+        return True
+
+
+def telemetry_view(kind: str, config):
+    """The TelemetryView of one --telemetry variant (None: all off)."""
+    from sidecar_proxy.telemetry.pipeline import TelemetryView
+    if kind == "off":
+        return None
+    clusters = [*config.clusters, "passthrough"]
+    if kind == "metrics":
+        from prometheus_client import CollectorRegistry
+        from sidecar_proxy.telemetry.http_metrics import HttpMetrics
+        return TelemetryView(HttpMetrics(CollectorRegistry()), "web", clusters, None, None)
+    if kind == "access_log":
+        from sidecar_proxy.telemetry.access_log import AccessLog
+        return TelemetryView(None, "web", clusters, None, AccessLog("text", open("/dev/null", "w")))
+    from sidecar_proxy.config.model import TracingOptions
+    from sidecar_proxy.telemetry.tracing import Tracing, resolve
+    ratio = {"tracing_1pct": 0.01, "tracing_100pct": 1.0}[kind]
+    settings = resolve(TracingOptions(enabled=True, sampling=ratio, endpoint="http://127.0.0.1:9/v1/traces"))
+    return TelemetryView(None, "web", clusters, Tracing(settings, exporter=EncodeOnly()), None)
+
+
+def setup(loop, doc: dict, codec: str, telemetry: str = "off"):
     """A session and a pooled upstream connection wired to fake transports; returns one request's work."""
     config = build(doc)
     listener = config.listeners["web"]
     pools = PoolManager(loop)
     rt = ListenerRuntime(listener, config, ListenerState("web"), loop, frozenset({15080}), 1, Metrics(),
-                         Throttle(1.0), pools, None, codec)
+                         Throttle(1.0), pools, None, codec, telemetry=telemetry_view(telemetry, config))
     session = Session(FakeRelay(FakeTransport()), rt.http)
     pool = rt.http.pool_for(config.clusters["backend"], ("127.0.0.1", 8080))
     conn = UpstreamConn(pool)
@@ -139,11 +186,14 @@ def setup(loop, doc: dict, codec: str):
     return one, rt
 
 
-def best(one, n: int) -> float:
-    began = time.perf_counter()
+def best(one, n: int, clock=time.perf_counter) -> float:
+    began = clock()
     for _ in range(n):
         one()
-    return time.perf_counter() - began
+    return clock() - began
+
+
+TELEMETRY = ("off", "metrics", "tracing_1pct", "tracing_100pct", "access_log")
 
 
 async def main(args) -> None:
@@ -151,6 +201,10 @@ async def main(args) -> None:
     variants = {"plain": setup(loop, CONFIG, args.codec)}
     if args.policies:
         variants["policies"] = setup(loop, with_policies(CONFIG), args.codec)
+    clock = time.perf_counter
+    if args.telemetry:
+        variants = {kind: setup(loop, CONFIG, args.codec, kind) for kind in TELEMETRY}
+        clock = time.process_time  # the export and access-log threads' CPU counts too
     n = args.n
     if args.profile:
         prof = cProfile.Profile()
@@ -159,17 +213,22 @@ async def main(args) -> None:
     rounds = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (one, _) in variants.items():
-            rounds[name].append(best(one, n))
+            rounds[name].append(best(one, n, clock))
     if args.profile:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     for name, (_, rt) in variants.items():
-        assert rt.state.http_requests.get((2, "-")) == n * args.rounds + 1000, rt.state.http_requests
+        assert rt.state.http_requests.get(("main[0]", "backend", 2, "-")) == n * args.rounds + 1000, \
+            rt.state.http_requests
         print(f"{args.codec} {name}: {min(rounds[name]) / n * 1e6:.2f} us per request (Python only, no syscalls; "
               f"best of {args.rounds} rounds of {n})")
     if args.policies:
         extra = (min(rounds["policies"]) - min(rounds["plain"])) / n * 1e6
         print(f"every policy configured, none triggering: {extra:+.2f} us per request")
+    if args.telemetry:
+        off = min(rounds["off"])
+        for kind in TELEMETRY[1:]:
+            print(f"{kind} over telemetry off: {(min(rounds[kind]) - off) / n * 1e6:+.2f} us per request")
 
 
 if __name__ == "__main__":
@@ -179,4 +238,5 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--policies", action="store_true", help="also measure the route with every policy configured")
+    p.add_argument("--telemetry", action="store_true", help="measure telemetry off, metrics, tracing, access log")
     uvloop.run(main(p.parse_args()))

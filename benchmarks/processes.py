@@ -243,6 +243,10 @@ def start_proxy(processes: Processes, redirects: PortRedirects, workdir: Path, p
     document = proxy_config(targets)
     if needs_mtls(document):
         document["tls"] = make_workload_identity(workdir / "pki")
+    if (proxy_dir / "sidecar_proxy" / "config" / "telemetry.py").exists():
+        # Metrics on (the default), scraped on the admin port only; no access log, which would write
+        # a line per request into proxy.log. Telemetry's own costs: l7_micro.py --telemetry.
+        document["telemetry"] = {"metrics": {"port": 0}, "access_log": {"enabled": False}}
     config.write_text(yaml.safe_dump(document, sort_keys=False))
     log = workdir / "proxy.log"
     cmd = [sys.executable, "-m", "sidecar_proxy", "run", "--config", str(config),

@@ -192,6 +192,7 @@ class App:
         if self.control is not None:
             await self.control.stop()
         await self._drain_task
+        await self.listeners.telemetry.close()  # flush spans and access-log lines (bounded)
         admin_server.close()
         log.info("exiting", extra={"fields": {"uptime_s": round(time.time() - self.started_at, 1)}})
         return 0

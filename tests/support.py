@@ -137,6 +137,10 @@ class Proxy:
         self.admin = (config["admin"]["address"], config["admin"]["port"])
 
     def write_config(self, config: dict) -> None:
+        if isinstance(config, dict) and "telemetry" not in config:
+            # Tests run many proxies on one host: the default scrape port (15090) would collide, and
+            # an access-log line per request would bury the log a failing test prints.
+            config = {**config, "telemetry": {"metrics": {"port": 0}, "access_log": {"enabled": False}}}
         self.path.write_text(yaml.safe_dump(config))
 
     def port(self, listener: str = "relay") -> int:

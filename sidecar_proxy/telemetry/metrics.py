@@ -51,7 +51,7 @@ class _TcpCollector:
                                    "HTTP requests answered, by status class and response flag "
                                    "('-': none; DPE, DRT, NR, UF, UT, UC, UPE, DC, DR, LOOP, RL, UO: see README; "
                                    "',URX' is added when a route's retry attempts ran out).",
-                                   labels=["listener", "code_class", "flags"])
+                                   labels=["listener", "route", "cluster", "code_class", "flags"])
         resends = CounterMetricFamily("sidecar_http_upstream_resends",
                                       "Safe bodiless requests sent again on a fresh connection because the "
                                       "reused keep-alive connection they went out on closed unanswered.",
@@ -71,8 +71,8 @@ class _TcpCollector:
                 limited.add_metric([state.name, route, "would_limit"], limiter.would_limit)
             if state.http_requests or state.http_resends:
                 resends.add_metric([state.name], state.http_resends)
-            for (code, flag), count in state.http_requests.items():
-                http.add_metric([state.name, f"{code}xx" if code else "none", flag], count)
+            for (route, cluster, code, flag), count in state.http_requests.items():
+                http.add_metric([state.name, route, cluster, f"{code}xx" if code else "none", flag], count)
             name = [state.name]
             conns = list(state.connections)
             opened.add_metric(name, state.opened)

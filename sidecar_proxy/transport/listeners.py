@@ -24,6 +24,7 @@ from ..protocols.http1.runtime import HttpRuntime
 from ..protocols.http1.exchange import RequestIds
 from ..policies.rate_limit import RateLimiters
 from ..routing.table import RouteTable
+from ..telemetry.pipeline import TelemetryPipeline, TelemetryView, scrape_routes
 from ..tls.identity import IdentityError
 from ..tls.mesh import MeshTls
 from ..upstream.cluster import ClusterStates, Upstream
@@ -58,7 +59,8 @@ class ListenerState:
         self.closed_tx = 0  # bytes sent to downstream by finished connections
         self.refused: dict[str, int] = {}
         self.detections: dict[str, int] = {}  # "auto" listeners: tls/http2/http1/opaque/timeout/opaque_port
-        self.http_requests: dict[tuple[int, str], int] = {}  # (status // 100, response flag or "-")
+        # (route, cluster, status // 100, response flag or "-"); "none" where there was no route / cluster.
+        self.http_requests: dict[tuple[str, str, int, str], int] = {}
         self.http_resends = 0  # requests sent again after a reused upstream connection closed under them
         self.rate_limits: dict = {}  # route name -> LocalRateLimit (its counters are read at scrape time)
         self.tls: dict[str, int] = {}  # mTLS terminations: "ok" or the refusal reason (tls.reasons)
@@ -89,7 +91,7 @@ class ListenerRuntime:
                  metrics: Metrics, log_throttle: Throttle, pools: PoolManager,
                  request_ids: RequestIds | None = None, codec_override: str | None = None,
                  rate_limiters: RateLimiters | None = None, cluster_states: ClusterStates | None = None,
-                 mesh: MeshTls | None = None) -> None:
+                 mesh: MeshTls | None = None, telemetry: TelemetryView | None = None) -> None:
         self.listener = listener
         self.mesh = mesh  # the workload identity (None without a tls section)
         self.tls_mode = listener.tls.mode
@@ -106,7 +108,7 @@ class ListenerRuntime:
             self.http = HttpRuntime(listener, config, state, loop, own_ports, pools, log_throttle,
                                     request_ids or RequestIds(), self.connect_seconds, self.connect_failures,
                                     rate_limiters or RateLimiters(time.monotonic),
-                                    cluster_states or ClusterStates(), mesh, codec_override)
+                                    cluster_states or ClusterStates(), mesh, telemetry, codec_override)
             table = self.http.table
             self.clusters = self.http.clusters
             self.upstreams = self.http.upstreams
@@ -213,6 +215,8 @@ class ListenerManager:
         self.rate_limiters = RateLimiters(time.monotonic)  # route buckets, across snapshots
         self.cluster_states = ClusterStates()  # breakers, retry budgets, outlier detectors, across snapshots
         self.mesh: MeshTls | None = None       # the workload identity of the live config's tls section
+        self.telemetry = TelemetryPipeline(loop, metrics.registry, lambda: scrape_routes(metrics.render))
+        self._staged = None                    # the telemetry a prepared snapshot would use
         self.states: dict[str, ListenerState] = {}
         self._bound: dict[str, _Bound] = {}
         self._runtimes: dict[str, ListenerRuntime] = {}
@@ -241,6 +245,7 @@ class ListenerManager:
                                               f"{exc.detail}")]) from None
             except (ssl.SSLError, OSError) as exc:  # OpenSSL refused what cryptography accepted
                 raise UpdateRejected([("tls", f"the workload identity cannot be used: {exc}")]) from None
+        staged = self._staged = await self.telemetry.prepare(config.telemetry)
         runtimes = {}
         for name, listener in config.listeners.items():
             state = self.states.get(name) or ListenerState(name)
@@ -248,8 +253,10 @@ class ListenerManager:
                 runtimes[name] = ListenerRuntime(listener, config, state, self.loop, own_ports, new.version,
                                                  self.metrics, self.log_throttle, self.pools, self.request_ids,
                                                  self.codec_override, self.rate_limiters, self.cluster_states,
-                                                 mesh)
+                                                 mesh, self.telemetry.view(name, [*config.clusters, PASSTHROUGH.name],
+                                                                           config.telemetry, staged))
             except ValueError as exc:  # an http1 codec that is not installed
+                await self.abort(new)
                 raise UpdateRejected([(f"listeners.{name}.http.codec", str(exc))]) from None
         to_bind = [l for n, l in config.listeners.items()
                    if n not in self._bound or self._bound[n].listener.bind_key != l.bind_key]
@@ -289,6 +296,8 @@ class ListenerManager:
                                           for name, rt in runtimes.items() if rt.http is not None
                                           for route in rt.http.rate_limits})
             self.cluster_states.apply([*config.clusters.values(), PASSTHROUGH])
+            self.telemetry.commit(staged)
+            self._staged = None
             if mesh is not self.mesh:
                 if self.mesh is not None:
                     self.mesh.stop()  # connections keep the contexts they were made with
@@ -321,6 +330,9 @@ class ListenerManager:
         return commit
 
     async def abort(self, new: Snapshot) -> None:
+        if self._staged is not None:
+            self.telemetry.abort(self._staged)
+            self._staged = None
         pending, self._pending = self._pending, {}
         for bound in pending.values():
             bound.server.close()

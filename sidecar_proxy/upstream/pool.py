@@ -29,6 +29,8 @@ import socket
 import time
 from typing import Callable
 
+from ..addr import format_addr
+
 log = logging.getLogger("sidecar_proxy.pool")
 
 # Idle longer than this and a connection is probed before reuse. Upstreams
@@ -137,12 +139,13 @@ class Pool:
     """Idle connections to one endpoint of one cluster."""
 
     __slots__ = ("key", "address", "loop", "idle", "max_idle", "idle_timeout", "sweep_handle",
-                 "opened", "reused", "on_empty", "active")
+                 "opened", "reused", "on_empty", "active", "label")
 
     def __init__(self, key: tuple, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
                  max_idle: int, idle_timeout: float, on_empty: Callable[[Pool], None]) -> None:
         self.key = key
         self.address = address
+        self.label = format_addr(address)  # "host:port" for logs
         self.loop = loop
         self.idle: list[UpstreamConn] = []
         self.max_idle = max_idle

@@ -243,7 +243,8 @@ def test_route_authorization_allows_and_denies_by_spiffe_id(world):
     status, body = get(a.port("out"), "/theirs/1")
     assert status == 403
     assert [r.target for r in app.requests] == [b"/ours/1"]
-    assert b.metric("sidecar_http_requests_total", listener="inbound", code_class="4xx", flags="AD") == 1
+    assert b.metric("sidecar_http_requests_total", listener="inbound",
+                    route="in[1]", cluster="none", code_class="4xx", flags="AD") == 1
     # TCP: the connection is closed and the echo server never sees it.
     assert refused(a.port("tcp_out"), b"hello") == b""
     wait_for(lambda: b.metric("sidecar_tcp_connections_refused_total", listener="raw", reason="unauthorized") == 1,

@@ -87,7 +87,8 @@ def test_admits_rate_times_elapsed_plus_burst_and_answers_429_with_headers(tmp_p
         assert int(refusal["ratelimit-reset"]) >= 1
         assert proxy.metric("sidecar_http_rate_limit_decisions_total", listener="web", route="limited",
                             decision="limited") == refused
-        assert proxy.metric("sidecar_http_requests_total", listener="web", code_class="4xx", flags="RL") == refused
+        assert proxy.metric("sidecar_http_requests_total", listener="web",
+                            route="limited", cluster="none", code_class="4xx", flags="RL") == refused
     finally:
         client.close()
         assert proxy.stop() == 0

@@ -140,7 +140,8 @@ def test_503_twice_then_200_takes_exactly_three_tries_on_one_kept_connection(wor
     assert up.accepted == 1
     assert proxy.metric("sidecar_http_retries_total", cluster="backend", reason="status") == 2
     assert proxy.metric("sidecar_http_upstream_attempts_total", cluster="backend") == 3
-    assert proxy.metric("sidecar_http_requests_total", listener="web", code_class="2xx", flags="-") == 1
+    assert proxy.metric("sidecar_http_requests_total", listener="web",
+                        route="main[0]", cluster="backend", code_class="2xx", flags="-") == 1
 
 
 def test_when_attempts_run_out_the_last_answer_goes_to_the_client_flagged_URX(world):
@@ -150,7 +151,8 @@ def test_when_attempts_run_out_the_last_answer_goes_to_the_client_flagged_URX(wo
     status, _, body = Client(proxy.port("web")).request("GET", "/a")
     assert (status, body) == (503, b"busy")  # the upstream's own answer, not one the proxy made up
     assert len(up.requests) == 3
-    assert proxy.metric("sidecar_http_requests_total", listener="web", code_class="5xx", flags="URX") == 1
+    assert proxy.metric("sidecar_http_requests_total", listener="web",
+                        route="main[0]", cluster="backend", code_class="5xx", flags="URX") == 1
     assert proxy.metric("sidecar_http_retries_skipped_total", cluster="backend", reason="attempts") == 1
 
 
@@ -234,7 +236,8 @@ def test_the_route_timeout_bounds_every_try_together(world):
     assert 0.69 <= elapsed < 3.0
     # 300 ms + 300 ms, then the 700 ms total leaves no room for a third full try.
     assert 2 <= len(up.requests) <= 3
-    assert proxy.metric("sidecar_http_requests_total", listener="web", code_class="5xx", flags="UT") == 1
+    assert proxy.metric("sidecar_http_requests_total", listener="web",
+                        route="main[0]", cluster="backend", code_class="5xx", flags="UT") == 1
 
 
 def test_retry_after_is_honoured_up_to_max_retry_after(world):
@@ -320,7 +323,8 @@ def test_breaker_overflow_is_answered_503_at_once_and_counted(world):
     assert [c.response()[0] for c in slow] == [200, 200]
     assert len(up.requests) == 2  # nothing of the burst reached the upstream
     assert proxy.metric("sidecar_circuit_breaker_overflow_total", cluster="backend", breaker="requests") == 8
-    assert proxy.metric("sidecar_http_requests_total", listener="web", code_class="5xx", flags="UO") == 8
+    assert proxy.metric("sidecar_http_requests_total", listener="web",
+                        route="main[0]", cluster="backend", code_class="5xx", flags="UO") == 8
     # Every slot came back.
     wait_for(lambda: proxy.metric("sidecar_circuit_breaker_active", cluster="backend", breaker="requests") == 0,
              5, what="the requests gauge back at 0")

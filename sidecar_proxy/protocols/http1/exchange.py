@@ -117,7 +117,8 @@ class Exchange(Retries):
                  "trailers", "head_sent", "req_sent", "resp_started", "resp_done", "out", "reuse",
                  "close_after", "deadline", "status", "flag", "upstream_addr",
                  "connect_task", "finished", "upstream_paused", "held", "cluster_config", "reused",
-                 "answered", "resent", "head_bytes", "up", "rs", "opening")
+                 "answered", "resent", "head_bytes", "up", "rs", "opening", "began", "sent_at", "head_at", "rx",
+                 "tx", "trace", "span", "rid")
 
     def __init__(self, session: Session, req: Request) -> None:
         self.session = session
@@ -152,6 +153,14 @@ class Exchange(Retries):
         self.head_bytes: bytes | None = None      # the serialized head, kept for a resend or a retry
         self.up: Upstream | None = None           # holds one of the cluster's "requests" breaker slots until settle()
         self.rs: RetryState | None = None         # when the route has a retry policy (see retries.py)
+        # Telemetry: perf_counter() at the head (0.0 when no histogram or access log wants times), when
+        # the last try's head went upstream and its response head came back; body bytes each way; the
+        # trace (tracing on) and the current try's CLIENT span; a generated x-request-id line.
+        self.began = time.perf_counter() if session.rt.timing else 0.0
+        self.sent_at = self.head_at = 0.0
+        self.rx = self.tx = 0
+        self.trace = self.span = None
+        self.rid: bytes | None = None
         self.opening = False                      # _open took breaker slots that _connect has not taken over yet
 
     # --- request side (called by the session as the parser delivers)
@@ -159,6 +168,7 @@ class Exchange(Retries):
     def request_data(self, data: bytes) -> None:
         if self.resp_done or self.finished or self.flag == FLAG_DIRECT_RESPONSE:
             return  # answered already: the rest of the body is read and dropped
+        self.rx += len(data)
         if self.rs is not None:
             self.rs.keep(data)
         if self.head_sent:
@@ -237,6 +247,12 @@ class Exchange(Retries):
         session = self.session
         rt = session.rt
         req = self.req
+        tracing = rt.tracing
+        if tracing is not None:
+            trace = self.trace = tracing.begin(req.headers)
+            if trace is not None and trace.sampled:
+                trace.request(req.method, req.path, req.authority, req.version, "http", req.header(b"user-agent"),
+                              session.peer_ip.decode())
         route = rt.table.match(req)
         if route is None:
             if session.relay.orig_dst is None:
@@ -416,6 +432,18 @@ class Exchange(Retries):
             self.pool.give_back(conn)
             self.local(400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, f"request field refused at serialisation: {exc}")
             return
+        trace = self.trace
+        if trace is not None:
+            if trace.sampled:
+                # This try's CLIENT span (a retry is a sibling): its context goes upstream.
+                target = self.upstream_addr
+                self.span, lines = trace.client_attempt(self.cluster, target[0], target[1],
+                                                        len(self.rs.tried) if self.rs is not None else 0)
+            else:
+                lines = trace.lines  # a fresh unsampled context, the same for every try
+            head = head[:-2] + lines + b"\r\n"
+        if self.began:
+            self.sent_at = time.perf_counter()
         self.conn = conn
         conn.owner = self
         parser = conn.parser
@@ -574,6 +602,9 @@ class Exchange(Retries):
         self.session.unblock(BLOCK_UPSTREAM_FULL)
 
     def upstream_failed(self, status: int, flag: str, detail: str) -> None:
+        if self.span is not None:
+            self.trace.end_attempt(self.span, 0, flag)
+            self.span = None
         if flag == FLAG_UPSTREAM_TERMINATED and self._resendable():
             self._resend()
             return
@@ -612,6 +643,9 @@ class Exchange(Retries):
             self.upstream_failed(504, FLAG_UPSTREAM_TIMEOUT, "no response head within the route timeout")
             return
         # A per-try timeout: that try is abandoned, and may be tried again.
+        if self.span is not None:
+            self.trace.end_attempt(self.span, 0, FLAG_UPSTREAM_TIMEOUT)
+            self.span = None
         self._release(False)
         self._record(504)
         if self._retry("per-try-timeout", ("reset",), 504):
@@ -637,6 +671,11 @@ class Exchange(Retries):
             return
         self.deadline = 0.0
         framing = resp.framing
+        if self.began:
+            self.head_at = time.perf_counter()
+        if self.span is not None:
+            self.trace.end_attempt(self.span, status)
+            self.span = None
         up = self.up
         if up is not None and up.state.detector is not None:
             up.state.detector.record(self.upstream_addr, status)
@@ -717,6 +756,7 @@ class Exchange(Retries):
                 if rs.discarded > DISCARD_LIMIT:
                     self.reuse = False  # upstream_data closes the connection when this read is parsed
             return
+        self.tx += len(data)
         if out == _OUT_CHUNKED:
             data = chunk(data)
         cork = self.session.cork
@@ -762,6 +802,8 @@ class Exchange(Retries):
             headers.append((b"content-type", content_type))
         if self.route is not None and self.route.response_add:
             headers.extend(self.route.response_add)
+        if req.method != b"HEAD":
+            self.tx = len(body)
         session.write(local_response(status, body if req.method != b"HEAD" else b"", headers, close=close))
         self.resp_started = True
         self.resp_done = True

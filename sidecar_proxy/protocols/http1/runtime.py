@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 
 
 class RouteEdits:
-    __slots__ = ("request_drop", "request_lines", "response_drop", "response_lines")
+    __slots__ = ("request_drop", "request_lines", "response_drop", "response_lines", "request_drop_traced")
 
     def __init__(self, request_drop: frozenset[bytes], request_lines: bytes, response_drop: frozenset[bytes],
-                 response_lines: bytes) -> None:
+                 response_lines: bytes, trace_fields: frozenset[bytes] = frozenset()) -> None:
         self.request_drop = request_drop
+        # ... and the client's trace context fields, for a request the proxy injects its own into.
+        self.request_drop_traced = request_drop | trace_fields
         self.request_lines = request_lines
         self.response_drop = response_drop
         self.response_lines = response_lines
@@ -38,16 +40,22 @@ class HttpRuntime:
     __slots__ = ("name", "loop", "state", "codec", "limits", "table", "clusters", "upstreams", "passthrough",
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
-                 "edits", "rate_limits", "mesh")
+                 "edits", "rate_limits", "mesh", "tracing", "access_log", "recorders", "timing", "epoch")
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
                  connect_seconds: Callable[[str], object], connect_failures: Callable[[str, str], None],
-                 rate_limiters: RateLimiters, cluster_states: ClusterStates, mesh=None,
+                 rate_limiters: RateLimiters, cluster_states: ClusterStates, mesh=None, telemetry=None,
                  codec_override: str | None = None) -> None:
         opts = listener.http
         self.name = listener.name
         self.mesh = mesh  # tls.mesh.MeshTls: originating mTLS to clusters with tls.mode mutual
+        # Telemetry (telemetry.pipeline.TelemetryView); each part None when off, so it costs nothing.
+        self.tracing = telemetry.tracing if telemetry is not None else None
+        self.access_log = telemetry.access_log if telemetry is not None else None
+        self.recorders = telemetry.recorders if telemetry is not None else None
+        self.timing = telemetry.timing if telemetry is not None else False
+        self.epoch = telemetry.epoch if telemetry is not None else 0.0
         self.loop = loop
         self.state = state
         self.codec = resolve_codec(codec_override or opts.codec)
@@ -74,7 +82,8 @@ class HttpRuntime:
         self._pool_cache: dict[tuple, Pool] = {}
         # What forwarding needs of each route, made once: the field names to
         # drop and the checked field lines to add, each way. Key None: no route.
-        self.edits: dict = {None: RouteEdits(HOP_BY_HOP, b"", HOP_BY_HOP, b"")}
+        trace_fields = self.tracing.drop_fields if self.tracing is not None else frozenset()
+        self.edits: dict = {None: RouteEdits(HOP_BY_HOP, b"", HOP_BY_HOP, b"", trace_fields)}
         # Routes with a rate_limit: (limiter, key kind, header name, ratelimit-* quota and window);
         # key kinds: RL_ROUTE one bucket, RL_CLIENT_IP, RL_HEADER (that field's value), RL_PEER (SPIFFE ID).
         self.rate_limits: dict = {}
@@ -90,7 +99,7 @@ class HttpRuntime:
             self.edits[route] = RouteEdits(HOP_BY_HOP | route.request_remove,
                                            field_lines(route.request_set + route.request_add),
                                            HOP_BY_HOP | route.response_remove,
-                                           field_lines(route.response_set + route.response_add))
+                                           field_lines(route.response_set + route.response_add), trace_fields)
 
     def pool_for(self, cluster: Cluster, target: tuple[str, int]) -> Pool:
         key = (cluster.name, target)

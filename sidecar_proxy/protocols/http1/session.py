@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -58,7 +59,7 @@ class Session(asyncio.Protocol):
     __slots__ = ("relay", "rt", "loop", "transport", "parser", "current", "active", "queue", "blocks",
                  "closing", "done", "lost", "eof_seen", "peer_ip", "head_timer", "held_rest", "requests",
                  "in_head", "refusal", "linger", "timer", "write_paused", "xff_line", "last_seen", "cork", "feeding", "holding",
-                 "draining")
+                 "draining", "peer_text")
 
     def __init__(self, relay: Relay, rt: HttpRuntime) -> None:
         self.relay = relay
@@ -83,6 +84,7 @@ class Session(asyncio.Protocol):
         self.feeding = False                   # a downstream read is being parsed (see Exchange.up_write)
         self.holding: list[Exchange] = []      # exchanges with upstream writes held for that read
         self.draining = False                  # the proxy is stopping: every response closes
+        self.peer_text: str | None = None
         peer = relay.peer_addr
         self.peer_ip = peer[0].encode() if peer else b""
         self.xff_line = field_line(b"x-forwarded-for", self.peer_ip)
@@ -274,7 +276,8 @@ class Session(asyncio.Protocol):
         route = ex.route
         headers = req.headers
         edits = rt.edits[route]
-        drop = edits.request_drop
+        # With a trace, ours replaces the client's trace context fields.
+        drop = edits.request_drop if ex.trace is None else edits.request_drop_traced
         connection = req.header(b"connection")
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
@@ -311,7 +314,8 @@ class Session(asyncio.Protocol):
         if rt.add_xfp and not xfp:
             added += XFP_LINE
         if rt.add_request_id and not rid:
-            added += rt.request_ids.next_line()
+            line = ex.rid = rt.request_ids.next_line()  # kept for the access log
+            added += line
         return forward_request_head(req.method, req.target, block, added + edits.request_lines)
 
     # --- the end of an exchange
@@ -350,10 +354,53 @@ class Session(asyncio.Protocol):
             self._close()
 
     def _count(self, ex: Exchange) -> None:
+        """The exchange ended (answered, given up or tunnelled): count it, and record its telemetry."""
         self.requests += 1
-        key = (ex.status // 100, ex.flag)
+        route = ex.route
+        key = (route.name if route is not None else "none", ex.cluster or "none", ex.status // 100, ex.flag)
         counts = self.rt.state.http_requests
         counts[key] = counts.get(key, 0) + 1
+        if ex.began or (ex.trace is not None and ex.trace.sampled):
+            self._observe(ex)
+
+    def _observe(self, ex: Exchange) -> None:
+        """Histograms, the trace's SERVER span and the access-log line of a finished exchange."""
+        rt = self.rt
+        route = ex.route
+        route_name = route.name if route is not None else None
+        trace = ex.trace
+        if trace is not None and trace.sampled:
+            if ex.span is not None:
+                trace.end_attempt(ex.span, 0, ex.flag)
+                ex.span = None
+            trace.finish(ex.status, ex.flag, route_name, ex.cluster or None)
+        began = ex.began
+        if not began:
+            return
+        duration = time.perf_counter() - began
+        upstream = ex.head_at - ex.sent_at if ex.head_at and ex.sent_at else None
+        recorders = rt.recorders
+        if recorders is not None:
+            recorder = recorders.get(ex.cluster)
+            if recorder is not None:
+                recorder.record(ex.status, duration, upstream, ex.rx, ex.tx)
+        access_log = rt.access_log
+        if access_log is not None:
+            req = ex.req
+            rid = req.header(b"x-request-id") or (ex.rid[14:-2] if ex.rid else None)
+            access_log.log((rt.epoch + began, req.method, req.target, b"HTTP/" + req.version, ex.status, ex.flag,
+                            ex.rx, ex.tx, duration * 1000.0, upstream * 1000.0 if upstream is not None else None,
+                            rid, req.authority, ex.pool.label if ex.pool is not None else None,
+                            route_name, ex.cluster or None, self.downstream(), self.relay.peer_id,
+                            trace.trace_id if trace is not None else None, req.header(b"user-agent"),
+                            req.header(b"x-forwarded-for")))
+
+    def downstream(self) -> str:
+        """The client's address as text, made once per connection (for the access log)."""
+        text = self.peer_text
+        if text is None:
+            text = self.peer_text = format_addr(self.relay.peer_addr)
+        return text
 
     def tunnel(self, ex: Exchange, upstream_rest: bytes) -> None:
         """101 or a 2xx to CONNECT: both connections become a byte relay."""
