@@ -32,6 +32,7 @@ import time
 
 import uvloop
 
+from settings import POLICY_CLUSTER, ROUTE_POLICIES
 from sidecar_proxy.config.load import build
 from sidecar_proxy.protocols.http1.session import Session
 from sidecar_proxy.telemetry.metrics import Metrics
@@ -106,18 +107,9 @@ CONFIG = {
 }
 
 
-# Every policy of issue 5 on the route and its cluster, set so that none triggers.
-POLICIES = {
-    "retry": {"on": ["connect-failure", "reset", "5xx"], "attempts": 3, "per_try_timeout": "5s"},
-    "rate_limit": {"requests_per_second": 1_000_000, "burst": 1_000_000},
-}
-CLUSTER_POLICIES = {
-    "lb": "least_request",
-    "circuit_breakers": {"max_connections": 100, "max_pending_requests": 100, "max_requests": 100,
-                         "max_retries": 10},
-    "retry_budget": {"percent": 20, "min_retries": 3},
-    "outlier_detection": {"consecutive_5xx": 5},
-}
+# Every policy of issue 5 on the route and its cluster, none triggering: the wrk target's settings.
+POLICIES = ROUTE_POLICIES
+CLUSTER_POLICIES = POLICY_CLUSTER
 
 
 def with_policies(doc: dict) -> dict:

@@ -77,6 +77,8 @@ def _match(m: Match) -> dict:
     if m.headers:
         doc["headers"] = [{"name": h.name, h.kind: True if h.kind == "present" else h.value, "invert": h.invert}
                           for h in m.headers]
+    if m.peer_identity:
+        doc["peer_identity"] = list(m.peer_identity)
     return doc
 
 

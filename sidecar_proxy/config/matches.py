@@ -4,11 +4,12 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from ..tls.spiffe import check_pattern
 from . import model
 from .fields import (Errors, check_keys, describe, get, header_value_check, join, regex_check, split_host_pattern,
                      token_check)
 
-_MATCH_KEYS = {"host", "path", "path_prefix", "path_regex", "method", "headers"}
+_MATCH_KEYS = {"host", "path", "path_prefix", "path_regex", "method", "headers", "peer_identity"}
 _HEADER_MATCH_KEYS = {"name", "exact", "prefix", "regex", "present", "invert"}
 _PATH_RE = re.compile(r"^/[^\x00-\x20\x7f?#]*\Z")
 # Standard methods: a lower-case spelling of one of them is a mistake, since
@@ -28,10 +29,18 @@ def match(err: Errors, path: str, doc: dict) -> model.Match | None:
     regex = get(err, path, doc, "path_regex", str, default=None, check=regex_check)
     methods = _one_or_list(err, path, doc, "method", _method_check)
     headers = _header_matches(err, join(path, "headers"), doc.get("headers"))
+    peers = _one_or_list(err, path, doc, "peer_identity", _identity_pattern)
     if len(err.items) > before:
         return None
     return model.Match(host=_unique(hosts), path=exact, path_prefix=prefix, path_regex=regex,
-                       method=_unique(methods), headers=headers)
+                       method=_unique(methods), headers=headers, peer_identity=_unique(peers))
+
+
+def _identity_pattern(value: str) -> str:
+    problem = check_pattern(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def _unique(values: list[str] | None) -> tuple[str, ...]:

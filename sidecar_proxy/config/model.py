@@ -281,11 +281,13 @@ class Match:
     path_regex: str | None = None   # re, must match the whole path (fullmatch, like Envoy)
     method: tuple[str, ...] = ()    # case-sensitive, as HTTP methods are
     headers: tuple[HeaderMatch, ...] = ()
+    # The client's SPIFFE ID (mTLS) matches one of these patterns; a client without one never matches.
+    peer_identity: tuple[str, ...] = ()
 
     @property
     def is_catch_all(self) -> bool:
         return not (self.host or self.path is not None or self.path_prefix is not None
-                    or self.path_regex is not None or self.method or self.headers)
+                    or self.path_regex is not None or self.method or self.headers or self.peer_identity)
 
 
 @dataclass(frozen=True, slots=True)

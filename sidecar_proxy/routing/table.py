@@ -263,7 +263,8 @@ class RouteTable:
                               None)
         entries = []
         for compiled, route in zip(self.routes, routes):
-            entries.append((compiled, compile_checks(route.match)))
+            peers = route.match.peer_identity
+            entries.append((compiled, compile_checks(route.match), IdentityMatcher(peers) if peers else None))
             if route.match.is_catch_all:
                 break  # nothing after a catch-all can match
         self._entries = tuple(entries)
@@ -274,14 +275,17 @@ class RouteTable:
         (as ``Config.tcp_route``). None: to the original destination on a transparent listener, else refused."""
         return self._tcp_route
 
-    def match(self, req: Request) -> CompiledRoute | None:
+    def match(self, req: Request, peer: str | None = None) -> CompiledRoute | None:
+        """The first route whose match holds; ``peer`` is the client's SPIFFE ID (mTLS), or None."""
         if self._needs_host and req.authority is not None:
             authority = req.authority.lower()
             i = authority.rfind(b":")
             host = authority[:i] if i >= 0 and authority.find(b"]", i) < 0 else authority
         else:
             authority = host = None
-        for route, checks in self._entries:
+        for route, checks, peers in self._entries:
+            if peers is not None and (peer is None or not peers.matches(peer)):
+                continue
             for check in checks:
                 if not check(req, host, authority):
                     break

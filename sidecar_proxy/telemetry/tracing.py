@@ -150,7 +150,8 @@ class Trace:
         self._url = ""
 
     def request(self, method: bytes, path: bytes, authority: bytes | None = None, version: bytes = b"1.1",
-                scheme: str = "http", user_agent: bytes | None = None, client_address: str | None = None) -> None:
+                scheme: str = "http", user_agent: bytes | None = None, client_address: str | None = None,
+                peer_identity: str | None = None) -> None:
         """What the request says; call once, before the first try (``path``: without the query)."""
         attrs = self._attrs
         name = method.decode("ascii", "replace")
@@ -174,6 +175,8 @@ class Trace:
             attrs["user_agent.original"] = user_agent.decode("utf-8", "replace")[:512]
         if client_address:
             attrs["client.address"] = client_address
+        if peer_identity:
+            attrs["sidecar.peer_identity"] = peer_identity  # the client's SPIFFE ID (mTLS)
 
     def _server_span(self):
         span = self._server

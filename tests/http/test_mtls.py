@@ -328,3 +328,20 @@ def test_a_config_whose_certificate_files_are_unusable_is_refused_naming_tls(wor
             s.sendall(b"GET /still HTTP/1.1\r\nHost: t\r\nconnection: close\r\n\r\n")
             assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
     assert [r.target for r in app.requests] == [b"/still"]
+
+
+def test_the_peer_identity_reaches_spans_and_the_access_log(world):
+    from ..telemetry.otlp_receiver import OtlpReceiver
+    app = world.app()
+    with OtlpReceiver() as collector:
+        cfg = server_config(world.pki.workload("b", SERVER_ID), app.port)
+        cfg["telemetry"] = {"metrics": {"port": 0}, "access_log": {"enabled": True, "format": "json"},
+                            "tracing": {"enabled": True, "sampling": 1.0, "endpoint": collector.endpoint}}
+        b = world.proxy(cfg, "b")
+        a = world.proxy(client_config(world.pki.workload("a", CLIENT_ID), b.port("inbound")), "a")
+        assert get(a.port("out"), "/who")[0] == 200
+        server = [s for s in collector.wait_for_spans(2) if s.kind == "SERVER"]
+        assert server and server[0].attributes["sidecar.peer_identity"] == CLIENT_ID
+    line = wait_for(lambda: next((l for l in b.log().splitlines() if '"path":"/who"' in l), None), 5,
+                    what="B's access-log line")
+    assert json.loads(line)["peer_identity"] == CLIENT_ID

@@ -307,3 +307,27 @@ def test_redirect_location(spec, target, authority, scheme, location):
 def test_redirect_status():
     assert redirect(path="/x").redirect_status == 301
     assert redirect(path="/x", status=307).redirect_status == 307
+
+
+# --- the client's SPIFFE ID (mTLS)
+
+
+def test_peer_identity_matches_exact_and_prefix_patterns_and_never_a_client_without_one():
+    t = table({"match": {"peer_identity": "spiffe://td/ns/a/sa/x", "path_prefix": "/api"}, "cluster": "a"},
+              {"match": {"peer_identity": ["spiffe://td/ns/b/*"]}, "cluster": "b"},
+              {"match": {}, "cluster": "c"})
+    def picked(peer, target=b"/api/1"):
+        return t.match(req(target), peer).name
+    assert picked("spiffe://td/ns/a/sa/x") == "r0"
+    assert picked("spiffe://td/ns/a/sa/x", b"/other") == "r2"   # every condition must hold
+    assert picked("spiffe://td/ns/b/sa/anything") == "r1"
+    assert picked("spiffe://td/ns/c/sa/x") == "r2"
+    assert picked(None) == "r2"                                   # plaintext: no identity to match
+    # A match on identity is not a catch-all: it cannot carry a listener's TCP traffic.
+    assert t.tcp_route().name == "r2"
+
+
+def test_peer_identity_patterns_are_validated_with_their_path():
+    with pytest.raises(load.ConfigError) as exc:
+        table({"match": {"peer_identity": ["spiffe://td/ns/*/sa/x"]}, "cluster": "a"})
+    assert any(p == "route_tables.t[0].match.peer_identity[0]" for p, _ in exc.value.errors), exc.value.errors

@@ -252,8 +252,8 @@ class Exchange(Retries):
             trace = self.trace = tracing.begin(req.headers)
             if trace is not None and trace.sampled:
                 trace.request(req.method, req.path, req.authority, req.version, "http", req.header(b"user-agent"),
-                              session.peer_ip.decode())
-        route = rt.table.match(req)
+                              session.peer_ip.decode(), session.relay.peer_id)
+        route = rt.table.match(req, session.relay.peer_id)
         if route is None:
             if session.relay.orig_dst is None:
                 self.local(404, FLAG_NO_ROUTE)
