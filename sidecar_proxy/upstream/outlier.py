@@ -68,7 +68,7 @@ class OutlierDetector:
     __slots__ = ("endpoints", "consecutive_5xx", "consecutive_gateway", "base_ejection_time",
                  "max_ejection_percent", "max_ejection_time", "decay_interval", "clock",
                  "panic", "ejections_total", "ejected_now", "ejections_overflow", "unknown_records",
-                 "_hosts", "_healthy", "_next_return")
+                 "failing", "_hosts", "_healthy", "_next_return")
 
     def __init__(self, endpoints: Iterable[Addr], consecutive_5xx: int = 5, consecutive_gateway: int = 5,
                  base_ejection_time: float = 30.0, max_ejection_percent: int = 10,
@@ -95,6 +95,9 @@ class OutlierDetector:
         self.ejected_now = 0          # endpoints ejected at the last check
         self.ejections_overflow = 0   # thresholds reached but refused by max_ejection_percent
         self.unknown_records = 0      # results for endpoints not in the set (removed by a swap)
+        # Endpoints in the middle of a failure run. While 0, a success changes nothing, so the
+        # request path may skip record() for a status under 500 (the common case, one call saved).
+        self.failing = 0
         self._hosts: dict[Addr, _Host] = {}
         self.endpoints: tuple[Addr, ...] = ()
         self._healthy: tuple[Addr, ...] = ()
@@ -132,7 +135,9 @@ class OutlierDetector:
             server_error = status >= 500
             gateway = status in _GATEWAY
         if not server_error:
-            host.consecutive_5xx = host.consecutive_gateway = 0
+            if host.consecutive_5xx or host.consecutive_gateway:
+                self.failing -= 1
+                host.consecutive_5xx = host.consecutive_gateway = 0
             return
         if now is None:
             now = self.clock()
@@ -140,6 +145,8 @@ class OutlierDetector:
             self._expire(now)
         if host.ejected_until is not None:
             return
+        if not (host.consecutive_5xx or host.consecutive_gateway):
+            self.failing += 1
         host.consecutive_5xx += 1
         if gateway:
             host.consecutive_gateway += 1
@@ -147,6 +154,7 @@ class OutlierDetector:
             host.consecutive_gateway = 0
         if host.consecutive_5xx >= self.consecutive_5xx or host.consecutive_gateway >= self.consecutive_gateway:
             host.consecutive_5xx = host.consecutive_gateway = 0
+            self.failing -= 1
             self._eject(host, now)
 
     # --- config swaps -----------------------------------------------------------------------------
@@ -163,6 +171,7 @@ class OutlierDetector:
             raise ValueError(f"outlier detection: duplicate endpoints {dupes}")
         old = self._hosts
         self._hosts = {ep: old.get(ep) or _Host() for ep in new}
+        self.failing = sum(1 for h in self._hosts.values() if h.consecutive_5xx or h.consecutive_gateway)
         self.endpoints = new
         self._reschedule()
 

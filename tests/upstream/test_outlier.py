@@ -315,3 +315,20 @@ def test_defaults_follow_envoy():
     d = OutlierDetector(eps(3), clock=FakeClock())
     assert (d.consecutive_5xx, d.consecutive_gateway, d.base_ejection_time,
             d.max_ejection_percent, d.max_ejection_time) == (5, 5, 30.0, 10, 300.0)
+
+
+def test_failing_counts_endpoints_in_a_failure_run_so_successes_can_skip_record():
+    det = OutlierDetector([A, B, C], consecutive_5xx=3, clock=lambda: 0.0, max_ejection_percent=50)
+    assert det.failing == 0
+    det.record(A, 503)
+    det.record(A, 500)
+    det.record(B, 502)
+    assert det.failing == 2
+    det.record(A, 200)            # A's run ends
+    assert det.failing == 1
+    det.record(B, 503)
+    det.record(B, 504)            # B reaches the threshold: ejected, its run over
+    assert det.is_ejected(B) and det.failing == 0
+    det.record(C, 500)
+    det.update_endpoints([A, B])  # C leaves with its run
+    assert det.failing == 0

@@ -677,8 +677,11 @@ class Exchange(Retries):
             self.trace.end_attempt(self.span, status)
             self.span = None
         up = self.up
-        if up is not None and up.state.detector is not None:
-            up.state.detector.record(self.upstream_addr, status)
+        if up is not None:
+            det = up.state.detector
+            # A success changes nothing while no endpoint is in a failure run: no call then.
+            if det is not None and (status >= 500 or det.failing):
+                det.record(self.upstream_addr, status)
         rs = self.rs
         if rs is not None:
             if status in rs.policy.retry_statuses and self._retry_check("status", resp.header(b"retry-after")):
