@@ -348,6 +348,10 @@ class Relay:
             # Opaque bytes inside (a peer's TCP relay): sniff what the decrypted stream starts with.
             self.state = DETECTING
             self.detect_timer = rt.loop.call_later(rt.listener.detection_timeout, self._detection_timed_out)
+            if self.early:
+                self._sniff(final=False)  # bytes that came with the handshake's last flight
+                if self.state != DETECTING:
+                    return
             transport.resume_reading()
 
     def _detection_timed_out(self) -> None:
