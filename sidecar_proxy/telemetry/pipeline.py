@@ -94,21 +94,24 @@ class TelemetryPipeline:
                 try:
                     await scrape.start(m.address, m.port)
                 except OSError as exc:
-                    self._retire(new)
+                    self._flush_off_loop(new)
                     raise UpdateRejected([("telemetry.metrics.port",
                                            f"cannot bind {m.address}:{m.port}: {exc.strerror or exc}")]) from None
                 new.append(scrape)
         return Staged(options, tracing, access_log, scrape, new)
 
     def commit(self, staged: Staged) -> None:
-        retired = [piece for piece in (self.tracing, self.access_log, self.scrape)
-                   if piece is not None and piece not in (staged.tracing, staged.access_log, staged.scrape)]
+        if self.scrape is not None and self.scrape is not staged.scrape:
+            self.scrape.close()
+        self._flush_off_loop([piece for piece in (self.tracing, self.access_log)
+                              if piece is not None and piece not in (staged.tracing, staged.access_log)])
         self.options = staged.options
         self.tracing, self.access_log, self.scrape = staged.tracing, staged.access_log, staged.scrape
-        self._retire(retired)
 
     def abort(self, staged: Staged) -> None:
-        self._retire(staged.new)
+        if staged.scrape is not None and staged.scrape in staged.new:
+            staged.scrape.close()
+        self._flush_off_loop([piece for piece in staged.new if piece is not staged.scrape])
 
     def view(self, listener: str, clusters, options: Telemetry, staged: Staged) -> TelemetryView:
         return TelemetryView(self.http if options.metrics.enabled else None, listener, clusters, staged.tracing,
@@ -116,9 +119,11 @@ class TelemetryPipeline:
 
     async def close(self, timeout: float = 3.0) -> None:
         """At exit: flush spans and log lines (bounded), close the scrape listener."""
-        pieces = [p for p in (self.tracing, self.access_log, self.scrape) if p is not None]
+        if self.scrape is not None:
+            self.scrape.close()
+        pieces = [p for p in (self.tracing, self.access_log) if p is not None]
         self.tracing = self.access_log = self.scrape = None
-        await self.loop.run_in_executor(None, _close_all, pieces, timeout)
+        await self.loop.run_in_executor(None, _flush_all, pieces, timeout)
 
     # --- internals
 
@@ -133,9 +138,10 @@ class TelemetryPipeline:
             return None
         return Tracing(settings)
 
-    def _retire(self, pieces: list) -> None:
+    def _flush_off_loop(self, pieces: list) -> None:
+        """Retire a Tracing or an AccessLog: both flush (bounded, possibly to a slow collector) in a thread."""
         if pieces:
-            self.loop.run_in_executor(None, _close_all, pieces, 3.0)
+            self.loop.run_in_executor(None, _flush_all, pieces, 3.0)
 
 
 def scrape_routes(render: Callable[[str], tuple[bytes, str]]) -> dict:
@@ -149,16 +155,12 @@ def scrape_routes(render: Callable[[str], tuple[bytes, str]]) -> dict:
     return {"/metrics": {"GET": scrape}}
 
 
-def _close_all(pieces: list, timeout: float) -> None:
+def _flush_all(pieces: list, timeout: float) -> None:
     for piece in pieces:
         try:
-            if hasattr(piece, "shutdown"):
-                piece.shutdown(timeout)
-            elif hasattr(piece, "server"):   # the scrape AdminServer: close() must run on the loop
-                loop = piece.server.get_loop() if piece.server is not None else None
-                if loop is not None:
-                    loop.call_soon_threadsafe(piece.close)
-            else:
+            if isinstance(piece, AccessLog):
                 piece.close(timeout)
+            else:
+                piece.shutdown(timeout)   # a Tracing
         except Exception:  # retiring must not fail a reload or the exit
             log.exception("closing a telemetry part failed")

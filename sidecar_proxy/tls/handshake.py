@@ -58,17 +58,13 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from .contexts import reason_for_error
 from .identity import CLIENT, SERVER, PeerIdentity, check_peer
-from .reasons import TLSRejected
+from .reasons import HandshakeFailed, TLSRejected
 from .spiffe import IdentityMatcher
 
 __all__ = ["HandshakeFailed", "Established", "server_handshake", "client_upgrade", "client_handshake"]
 
 # uvloop's own handshake timer, a backstop behind ours (asyncio.timeout).
 _BACKSTOP_S = 1.0
-
-
-class HandshakeFailed(TLSRejected):
-    """The handshake or the peer check failed; the connection is already aborted."""
 
 
 class Established(NamedTuple):

@@ -17,10 +17,17 @@ import logging
 import time
 from typing import Callable
 
+from typing import TYPE_CHECKING
+
 from ..config.model import TlsIdentity
-from .handshake import Established, HandshakeFailed, client_handshake
-from .rotation import IdentitySource
-from .spiffe import IdentityMatcher
+from .reasons import HandshakeFailed
+
+if TYPE_CHECKING:
+    from .handshake import Established
+    from .spiffe import IdentityMatcher
+
+# The handshake and rotation modules (and cryptography under them) are imported by MeshTls, which
+# exists only when a config has a tls section: a proxy without mTLS does not carry them (~15 MiB).
 
 log = logging.getLogger("sidecar_proxy.tls")
 
@@ -34,6 +41,7 @@ class MeshTls:
     """The workload identity of one ``tls:`` section, re-read when its files change."""
 
     def __init__(self, settings: TlsIdentity, clock: Callable[[], float] = time.time) -> None:
+        from .rotation import IdentitySource
         self.settings = settings
         self.handshake_timeout = settings.handshake_timeout
         self.source = IdentitySource(settings.cert_chain, settings.private_key, settings.trust_bundle,
@@ -77,6 +85,7 @@ class MeshTls:
         failure) and HandshakeFailed for TLS (``no_local_identity`` when the
         workload certificate has expired and nothing replaced it).
         """
+        from .handshake import client_handshake
         contexts = self.source.current()
         if contexts is None:
             raise HandshakeFailed("no_local_identity", "no valid workload certificate")

@@ -62,3 +62,7 @@ class TLSRejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class HandshakeFailed(TLSRejected):
+    """The handshake or the peer check failed; the connection is already aborted."""

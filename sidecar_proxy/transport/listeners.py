@@ -25,7 +25,6 @@ from ..protocols.http1.exchange import RequestIds
 from ..policies.rate_limit import RateLimiters
 from ..routing.table import RouteTable
 from ..telemetry.pipeline import TelemetryPipeline, TelemetryView, scrape_routes
-from ..tls.identity import IdentityError
 from ..tls.mesh import MeshTls
 from ..upstream.cluster import ClusterStates, Upstream
 from ..upstream.pool import PoolManager
@@ -237,6 +236,7 @@ class ListenerManager:
         if config.tls is None:
             mesh = None
         elif mesh is None or mesh.settings != config.tls:
+            from ..tls.identity import IdentityError  # cryptography: loaded once mTLS is configured
             mesh = MeshTls(config.tls)
             try:
                 mesh.source.load()

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..addr import format_addr
-from ..tls.handshake import HandshakeFailed, server_handshake
+from ..tls.reasons import HandshakeFailed
 from ..tls.mesh import MESH_ALPN, half_close
 from .detect import MAX_SNIFF_BYTES, Detection, Proto, sniff
 from .original_dst import is_own_listener, original_dst
@@ -302,6 +302,7 @@ class Relay:
         self.connect_task = rt.loop.create_task(self._handshake(contexts.server, b"".join(early) if early else b""))
 
     async def _handshake(self, ctx, early: bytes) -> None:
+        from ..tls.handshake import server_handshake  # cryptography is loaded only where mTLS is configured
         rt = self.rt
         try:
             est = await server_handshake(rt.loop, self.down.transport, self.down, ctx,

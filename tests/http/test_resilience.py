@@ -144,6 +144,20 @@ def test_503_twice_then_200_takes_exactly_three_tries_on_one_kept_connection(wor
                         route="main[0]", cluster="backend", code_class="2xx", flags="-") == 1
 
 
+def test_a_retried_response_over_the_discard_limit_closes_its_connection_instead_of_being_read(world):
+    up = world.upstream()
+    proxy = world.proxy(config({"backend": [up.port]}, [route({"on": ["gateway-error"], "attempts": 2})]))
+    big = 100 << 10  # over the 64 KiB the proxy reads to keep a retried response's connection
+    up.script(reply(b"HTTP/1.1 503 Busy\r\ncontent-length: %d\r\n\r\n" % big + b"x" * big))
+    client = Client(proxy.port("web"))
+    assert client.request("GET", "/big")[:3:2] == (200, b"ok 1")
+    assert up.accepted == 2  # the first connection was given up, not drained
+    # A small retried response is read to its end: its connection stays.
+    up.script(reply(R503))
+    assert client.request("GET", "/small")[:3:2] == (200, b"ok 3")
+    assert up.accepted == 2 and len(up.requests) == 4
+
+
 def test_when_attempts_run_out_the_last_answer_goes_to_the_client_flagged_URX(world):
     up = world.upstream()
     proxy = world.proxy(config({"backend": [up.port]}, [route({"on": ["5xx"], "attempts": 3})]))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ...addr import format_addr
 from ...policies.rate_limit import rate_limit_headers
 from ...transport.relay import connect_failure_reason
-from ...tls.handshake import HandshakeFailed
+from ...tls.reasons import HandshakeFailed
 from ...transport.original_dst import is_own_listener
 from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UNTIL_CLOSE, FLAG_ACCESS_DENIED,
                       FLAG_DIRECT_RESPONSE,

@@ -514,5 +514,5 @@ class Session(asyncio.Protocol):
             "authority": (req.authority or b"").decode("latin-1") if req is not None else "-",
             "cluster": ex.cluster if ex is not None else "", "upstream": format_addr(ex.upstream_addr)
             if ex is not None and ex.upstream_addr else "",
-            "downstream": format_addr(self.relay.peer_addr), "peer_identity": self.relay.peer_id or "",
+            "downstream": self.downstream(), "peer_identity": self.relay.peer_id or "",
             "similar_not_logged": held}})
