@@ -260,10 +260,23 @@ async def client_upgrade(loop: asyncio.AbstractEventLoop, transport: asyncio.Tra
 
 
 class _Connecting(asyncio.Protocol):
-    """Holds the plain connection until start_tls replaces it; a TLS server sends nothing first."""
+    """Holds the plain connection until start_tls replaces it.
+
+    A TLS server sends nothing first, so any byte that arrives here means the
+    peer is not speaking TLS. uvloop starts reading *after* ``connection_made``
+    even if it paused there, so such bytes can arrive before
+    :func:`client_handshake` pauses the transport; they are remembered rather
+    than silently dropped (dropping them left the handshake waiting for a
+    ServerHello until its timeout).
+    """
+
+    early = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data[:64]
 
 
 async def client_handshake(loop: asyncio.AbstractEventLoop, host: str, port: int, protocol: asyncio.BaseProtocol,
@@ -277,5 +290,9 @@ async def client_handshake(loop: asyncio.AbstractEventLoop, host: str, port: int
     one); the handshake raises :class:`HandshakeFailed`.
     """
     async with asyncio.timeout(connect_timeout if connect_timeout is not None else timeout):
-        transport, _ = await loop.create_connection(_Connecting, host, port)
+        transport, connecting = await loop.create_connection(_Connecting, host, port)
+    transport.pause_reading()
+    if connecting.early:
+        transport.abort()
+        raise HandshakeFailed("protocol_error", f"the server spoke first, not TLS: {connecting.early[:16]!r}")
     return await client_upgrade(loop, transport, protocol, ctx, expected=expected, timeout=timeout, sni=sni, now=now)

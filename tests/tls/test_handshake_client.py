@@ -211,6 +211,37 @@ def test_plaintext_server(pkix):
         assert isinstance(result, HandshakeFailed) and result.reason == "protocol_error", result
 
 
+def test_server_that_speaks_first(pkix):
+    """A plaintext server greeting at once (SMTP-like): its bytes can arrive before start_tls.
+
+    uvloop starts reading after connection_made even when it paused there, so
+    the greeting used to be dropped and the handshake waited for its timeout.
+    An in-loop server writes in its own connection_made, which lands in that
+    window every time.
+    """
+    class Greeter(asyncio.Protocol):
+        def connection_made(self, transport):
+            transport.write(b"220 mail.example ESMTP\r\n")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(Greeter, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        reasons = []
+        try:
+            for _ in range(10):
+                t0 = loop.time()
+                with pytest.raises(HandshakeFailed) as info:
+                    await client_handshake(loop, "127.0.0.1", port, asyncio.Protocol(), pkix["client_ctx"],
+                                           expected="*", timeout=2.0)
+                reasons.append((info.value.reason, loop.time() - t0 < 1.0))
+        finally:
+            srv.close()
+        return reasons
+
+    assert uvloop.run(main()) == [("protocol_error", True)] * 10
+
+
 def test_both_ends_ours(pkix):
     """client_handshake to server_handshake: mTLS both ways, each side sees the other's SPIFFE ID."""
     server_identity = WorkloadIdentity.from_pem(pkix["server"].chain_pem(), pkix["server"].key_pem(),
