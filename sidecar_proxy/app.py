@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+from . import compiled
 from .config import load
 from .config.model import Config
 from .config.snapshot import Snapshot, SnapshotStore, UpdateRejected
@@ -187,7 +188,7 @@ class App:
         gc.collect()
         gc.freeze()
         log.info("ready", extra={"fields": {"admin": f"{initial.admin.address}:{initial.admin.port}",
-                                            "fd_limit": fd_limit}})
+                                            "fd_limit": fd_limit, "data_path": compiled.status()["data_path"]}})
         await self._stop.wait()
         if self.control is not None:
             await self.control.stop()

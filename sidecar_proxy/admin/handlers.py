@@ -1,12 +1,15 @@
 """Admin endpoints. Reads are GET; anything that changes state is POST."""
 from __future__ import annotations
 
+import platform
 import time
 from typing import TYPE_CHECKING
 
+from .. import __version__, compiled
 from ..addr import format_addr
 from ..config.dump import to_document
 from ..config.snapshot import UpdateRejected
+from ..protocols.http1 import available_codecs
 from .server import Handler, Request, Response, json_response, text_response
 
 if TYPE_CHECKING:
@@ -75,6 +78,12 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
         mesh = app.listeners.mesh
         return json_response(200, {"tls": mesh.status() if mesh is not None else None})
 
+    async def server_info(_: Request) -> Response:
+        """What is running: versions, uptime, and whether the data path is the compiled one."""
+        return json_response(200, {"version": __version__, "python": platform.python_version(),
+                                   "uptime_s": round(time.time() - app.started_at, 1),
+                                   "http1_codecs": available_codecs(), **compiled.status()})
+
     async def drain(_: Request) -> Response:
         app.begin_drain()
         return json_response(200, {"draining": True, "active_connections": app.listeners.active_count(),
@@ -95,6 +104,7 @@ def build_routes(app: App) -> dict[str, dict[str, Handler]]:
         "/connections": {"GET": connections},
         "/clusters": {"GET": clusters},
         "/tls": {"GET": tls},
+        "/server_info": {"GET": server_info},
         "/drain": {"POST": drain},
         "/quitquitquit": {"POST": quit_},
     }

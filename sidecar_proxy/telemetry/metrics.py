@@ -16,6 +16,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 
+from .. import __version__, compiled
+
 # Loopback connects take tens of microseconds; cross-zone ones tens of
 # milliseconds; a connect_timeout can be seconds.
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -221,6 +223,9 @@ class Metrics:
         self.ready = Gauge("sidecar_ready", "1 when /ready answers 200.", registry=r)
         self.draining = Gauge("sidecar_draining", "1 while draining.", registry=r)
         self._info_labels: tuple | None = None
+        Gauge("sidecar_build_info", "The running build: always 1; data_path is compiled, source or mixed "
+              "(see GET /server_info).", ["version", "data_path"], registry=r).labels(
+                  __version__, compiled.status()["data_path"]).set(1)
 
     def watch_tcp(self, states: Callable[[], Iterable]) -> None:
         self.registry.register(_TcpCollector(states))

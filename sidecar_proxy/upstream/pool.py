@@ -39,8 +39,13 @@ log = logging.getLogger("sidecar_proxy.pool")
 PEEK_AFTER = 0.25
 
 
-class UpstreamConn(asyncio.Protocol):
-    """One upstream TCP connection; forwards events to the exchange that owns it."""
+class UpstreamConn:
+    """One upstream TCP connection; forwards events to the exchange that owns it.
+
+    An asyncio protocol without the ``asyncio.Protocol`` base, so that it can
+    be compiled as an extension type (``compiled.EXTENSION_TYPES``); it has
+    every protocol method itself.
+    """
 
     __slots__ = ("pool", "transport", "owner", "dead", "idle_since", "sock", "parser", "breakers")
 

@@ -81,6 +81,20 @@ def test_metrics_parse_as_prometheus_text_and_openmetrics(proxy):
     assert {"sidecar_tcp_connections_opened", "sidecar_upstream_connect_duration_seconds"} <= names
 
 
+def test_server_info_says_which_data_path_runs(proxy):
+    from sidecar_proxy import __version__, compiled
+
+    status, body = proxy.get("/server_info")
+    info = json.loads(body)
+    assert status == 200 and info["version"] == __version__ and info["uptime_s"] >= 0
+    assert set(info["modules"]) == set(compiled.MODULES)
+    # The proxy decides as this process did: same tree, same environment.
+    assert info["data_path"] == compiled.status()["data_path"], info
+    assert info["modules"] == compiled.status()["modules"]
+    assert "h11" in info["http1_codecs"]
+    assert proxy.metrics()[("sidecar_build_info", (("data_path", info["data_path"]), ("version", __version__)))] == 1
+
+
 def test_config_dump_shows_the_effective_config_and_can_be_posted_back(proxy):
     status, body = proxy.get("/config_dump")
     dump = json.loads(body)

@@ -53,8 +53,13 @@ log = logging.getLogger("sidecar_proxy.http")
 LINGER = 2.0
 
 
-class Session(asyncio.Protocol):
-    """The downstream side of an HTTP/1 connection (see the module docstring)."""
+class Session:
+    """The downstream side of an HTTP/1 connection (see the module docstring).
+
+    An asyncio protocol without the ``asyncio.Protocol`` base, so that it can
+    be compiled as an extension type (``compiled.EXTENSION_TYPES``); it has
+    every protocol method itself.
+    """
 
     __slots__ = ("relay", "rt", "loop", "transport", "parser", "current", "active", "queue", "blocks",
                  "closing", "done", "lost", "eof_seen", "peer_ip", "head_timer", "held_rest", "requests",
@@ -101,6 +106,9 @@ class Session(asyncio.Protocol):
             self.transport.resume_reading()
 
     # --- downstream transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # set_protocol() hands over a connected transport (start)
 
     def data_received(self, data: bytes) -> None:
         self.relay.down.nbytes += len(data)
