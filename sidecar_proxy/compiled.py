@@ -51,6 +51,9 @@ EXTENSION_TYPES = {
     "sidecar_proxy.protocols.http1.session": ("Session",),
     "sidecar_proxy.protocols.http1.httptools_codec": ("_Collector", "HttptoolsParser"),
     "sidecar_proxy.upstream.pool": ("UpstreamConn", "Pool"),
+    "sidecar_proxy.transport.relay": ("_Side", "_Downstream", "_Upstream", "Relay"),
+    "sidecar_proxy.telemetry.histogram": ("HistogramChild",),
+    "sidecar_proxy.telemetry.http_metrics": ("RequestRecorder",),
 }
 MANIFEST = "_compiled.json"
 PURE_ENV = "SIDECAR_PROXY_PURE_PYTHON"
@@ -86,7 +89,10 @@ def pxd_text(module: str, source: str) -> str:
         slots = None
         for stmt in node.body:
             if isinstance(stmt, ast.Assign) and [getattr(t, "id", None) for t in stmt.targets] == ["__slots__"]:
-                slots = ast.literal_eval(stmt.value)
+                try:
+                    slots = ast.literal_eval(stmt.value)
+                except ValueError:
+                    slots = None  # computed: refused below
         if not isinstance(slots, tuple):
             raise ValueError(f"{module}.{name}: __slots__ must be a literal tuple")
         bases = [ast.unparse(base) for base in node.bases]

@@ -87,8 +87,13 @@ def abort_with_rst(transport: asyncio.BaseTransport) -> None:
     transport.abort()
 
 
-class _Side(asyncio.Protocol):
-    """One socket of a relay; forwards what it reads to its peer side."""
+class _Side:
+    """One socket of a relay; forwards what it reads to its peer side.
+
+    An asyncio protocol without the ``asyncio.Protocol`` base, so that it can
+    be compiled as an extension type (``compiled.EXTENSION_TYPES``); the
+    subclasses add ``connection_made``.
+    """
 
     __slots__ = ("relay", "transport", "peer", "eof", "nbytes", "lost", "tls")
 
