@@ -74,7 +74,7 @@ def extensions():
         with open(path + ".pxd", "w") as f:
             f.write(text)
     modules = [Extension(name, [name.replace(".", "/") + ".py"], optional=True) for name in compiled.MODULES]
-    return cythonize(modules, compiler_directives={"language_level": 3}, quiet=True,
+    return cythonize(modules, compiler_directives={"language_level": 3, "annotation_typing": False}, quiet=True,
                      nthreads=os.cpu_count() or 1)
 
 

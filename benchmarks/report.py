@@ -99,7 +99,8 @@ def print_report(results: dict) -> None:
     print(f"{machine['cpu_model']}, {machine['nproc']} cores; Python {machine['python']}, "
           f"uvloop {machine['uvloop']}, httptools {machine.get('httptools')}, "
           f"h11 {machine.get('h11')}; {machine['nginx']}; {machine['wrk']}; "
-          f"proxy {machine['proxy_commit']}; {settings['duration_s']} s per run\n")
+          f"proxy {machine['proxy_commit']} ({machine.get('data_path')} data path); "
+          f"{settings['duration_s']} s per run\n")
     print(scenario_table(results["scenarios"]) + "\n")
     if any(row["via_proxy"] for row in results["scenarios"]):
         print(cost_table(results["scenarios"]) + "\n")

@@ -330,6 +330,8 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes,
     proxy = start_proxy(processes, redirects, workdir, args.proxy_dir, args.targets)
     # Before any traffic, so that it is the footprint of the proxy alone.
     idle_rss = rss_mib(proxy.pid)
+    # Compiled or source data path (README, "The compiled data path"): the figures depend on it.
+    data_path = json.loads(http_get(ADMIN_PORT, "/server_info")[1])["data_path"]
     idle = measure_idle_connections(processes, proxy)
     # After the idle test, whose connection counts must not include the
     # pooled connections these requests leave behind.
@@ -344,7 +346,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, processes: Processes,
     exit_code = processes.stop(proxy.proc)
     log_lines = proxy.log.read_text(errors="replace").splitlines()
     return {
-        "machine": machine_info(args.proxy_dir),
+        "machine": {**machine_info(args.proxy_dir), "data_path": data_path},
         "settings": {"quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
                      "targets": [target.name for target in targets],
                      "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
