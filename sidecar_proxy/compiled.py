@@ -2,8 +2,8 @@
 
 ``pip install .`` compiles the modules in :data:`MODULES` with Cython
 (``setup.py``) into extension modules beside their sources. They are the same
-code as the ``.py`` files, compiled as they are, and take about a quarter less
-CPU per proxied request (``benchmarks/README.md``). Nothing else changes:
+code as the ``.py`` files, compiled as they are, and spend about 40 % less
+Python time per proxied request (``benchmarks/README.md``). Nothing else changes:
 without a compiler or Cython the install falls back to the sources.
 
 Python imports an extension module ahead of a source of the same name, even
