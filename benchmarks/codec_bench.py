@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar_proxy.protocols.events import Limits  # noqa: E402
+from sidecar_proxy.protocols.events import Limits, Sink  # noqa: E402
 from sidecar_proxy.protocols.http1 import available_codecs, make_parser  # noqa: E402
 from sidecar_proxy.protocols.http1 import serialize  # noqa: E402
 
@@ -34,7 +34,7 @@ HEADERS = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk/4.2"), (b"accept"
            (b"x-forwarded-proto", b"http"), (b"content-type", b"application/json"), (b"content-length", b"42")]
 
 
-class NullSink:
+class NullSink(Sink):
     def on_head(self, head): pass
     def on_data(self, data): pass
     def on_end(self, trailers): pass

@@ -37,6 +37,7 @@ from sidecar_proxy.config.load import build
 from sidecar_proxy.protocols.http1.session import Session
 from sidecar_proxy.telemetry.metrics import Metrics
 from sidecar_proxy.transport.listeners import ListenerRuntime, ListenerState
+from sidecar_proxy.transport.relay import Relay
 from sidecar_proxy.logs import Throttle
 from sidecar_proxy.upstream.pool import PoolManager, UpstreamConn
 
@@ -86,17 +87,12 @@ class FakeTransport(asyncio.Transport):
         pass
 
 
-class FakeRelay:
-    def __init__(self, transport):
-        class Down:
-            pass
-        self.down = Down()
-        self.down.transport = transport
-        self.down.nbytes = 0
-        self.peer_addr = ("127.0.0.1", 40000)
-        self.orig_dst = None
-        self.http_tx = 0
-        self.peer_id = None
+def accepted_relay(rt: ListenerRuntime, transport: FakeTransport) -> Relay:
+    """A relay as a listener's accept leaves it (a real one: compiled, Session's field is typed)."""
+    relay = Relay(rt)
+    relay.down.transport = transport
+    relay.peer_addr = ("127.0.0.1", 40000)
+    return relay
 
 
 CONFIG = {
@@ -162,7 +158,7 @@ def setup(loop, doc: dict, codec: str, telemetry: str = "off"):
     pools = PoolManager(loop)
     rt = ListenerRuntime(listener, config, ListenerState("web"), loop, frozenset({15080}), 1, Metrics(),
                          Throttle(1.0), pools, None, codec, telemetry=telemetry_view(telemetry, config))
-    session = Session(FakeRelay(FakeTransport()), rt.http)
+    session = Session(accepted_relay(rt, FakeTransport()), rt.http)
     pool = rt.http.pool_for(config.clusters["backend"], ("127.0.0.1", 8080))
     conn = UpstreamConn(pool)
     conn.connection_made(FakeTransport())

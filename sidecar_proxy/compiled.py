@@ -30,6 +30,7 @@ MODULES = (
     "sidecar_proxy.protocols.http1.session",
     "sidecar_proxy.protocols.http1.exchange",
     "sidecar_proxy.protocols.http1.retries",
+    "sidecar_proxy.protocols.http1.runtime",
     "sidecar_proxy.protocols.http1.httptools_codec",
     "sidecar_proxy.protocols.http1.strict",
     "sidecar_proxy.protocols.http1.serialize",
@@ -45,9 +46,12 @@ MODULES = (
 # the ``.pxd`` that says so, from the source: see :func:`pxd_text`). Such a
 # class has a literal ``__slots__`` and no base but another one listed here.
 EXTENSION_TYPES = {
-    "sidecar_proxy.protocols.events": ("Request", "Response"),
+    "sidecar_proxy.protocols.events": ("Request", "Response", "Sink", "Parser"),
     "sidecar_proxy.protocols.http1.retries": ("Retries",),
-    "sidecar_proxy.protocols.http1.exchange": ("Exchange",),
+    "sidecar_proxy.protocols.http1.exchange": ("RequestIds", "Exchange"),
+    "sidecar_proxy.protocols.http1.runtime": ("RouteEdits", "HttpRuntime"),
+    "sidecar_proxy.routing.table": ("CompiledRoute", "RouteTable"),
+    "sidecar_proxy.upstream.cluster": ("ClusterState", "Upstream"),
     "sidecar_proxy.protocols.http1.session": ("Session",),
     "sidecar_proxy.protocols.http1.httptools_codec": ("_Collector", "HttptoolsParser"),
     "sidecar_proxy.upstream.pool": ("UpstreamConn", "Pool"),
@@ -71,40 +75,181 @@ def source_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def pxd_text(module: str, source: str) -> str:
+def _ext_type(annotation, owners: dict[str, str]) -> str | None:
+    """The extension type an annotation names (``T``, ``T | None``,
+    ``"T"``), or None when it names anything else."""
+    import ast
+
+    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+        annotation = ast.parse(annotation.value, mode="eval").body
+    if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
+        sides = [side for side in (annotation.left, annotation.right)
+                 if not (isinstance(side, ast.Constant) and side.value is None)]
+        annotation = sides[0] if len(sides) == 1 else None
+    if isinstance(annotation, ast.Name) and annotation.id in owners:
+        return annotation.id
+    return None
+
+
+# What a method may not contain to be a cpdef method: Cython compiles no
+# closure, generator or coroutine into one.
+_NOT_CPDEF = ("Lambda", "FunctionDef", "AsyncFunctionDef", "ClassDef", "GeneratorExp", "Yield", "YieldFrom",
+              "Await")
+
+
+def _signature(node, owners: dict[str, str]):
+    """Method ``node``'s cpdef signature: ((type or None, name, has default), ...)
+    and its typed locals {name: type}; None when it cannot be cpdef (a
+    special method, decorated, ``*args``/keyword-only arguments, a closure
+    or generator inside, ``super()``)."""
+    import ast
+
+    args = node.args
+    if (node.name.startswith("__") or node.decorator_list or args.vararg or args.kwarg or args.kwonlyargs
+            or args.posonlyargs or not args.args or args.args[0].arg != "self"):
+        return None
+    local_types = {}
+    for sub in ast.walk(node):
+        if sub is not node and type(sub).__name__ in _NOT_CPDEF:
+            return None
+        if isinstance(sub, ast.Name) and sub.id in ("super", "locals", "vars"):
+            return None
+        if isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+            typ = _ext_type(sub.annotation, owners)
+            if typ:
+                local_types[sub.target.id] = typ
+    first_default = len(args.args) - len(args.defaults)
+    params = tuple((_ext_type(arg.annotation, owners) if i else None, arg.arg, i >= first_default)
+                   for i, arg in enumerate(args.args))
+    return params, local_types
+
+
+class _Classes:
+    """The extension types' class statements, parsed from their modules' sources."""
+
+    def __init__(self, read) -> None:
+        self.read = read
+        self.owners = {cls: mod for mod, classes in EXTENSION_TYPES.items() for cls in classes}
+        self.trees: dict[str, dict] = {}
+
+    def node(self, name: str):
+        module = self.owners[name]
+        if module not in self.trees:
+            import ast
+
+            self.trees[module] = {node.name: node for node in ast.parse(self.read(module)).body
+                                  if isinstance(node, ast.ClassDef)}
+        return self.trees[module].get(name)
+
+    def cpdef_methods(self, name: str) -> dict:
+        """{method: signature} of class ``name`` and its bases, as declared in their pxd."""
+        import ast
+
+        node = self.node(name)
+        bases = [ast.unparse(base) for base in node.bases]
+        methods = dict(self.cpdef_methods(bases[0])) if bases and bases[0] in self.owners else {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.FunctionDef):
+                declared = self.declaration(name, stmt, methods.get(stmt.name))
+                if declared is not None:
+                    methods[stmt.name] = declared[0]
+        return methods
+
+    def declaration(self, cls: str, node, inherited):
+        """(signature, locals) for method ``node`` of ``cls``; an override of
+        a base's cpdef method keeps that method's argument types, which Cython
+        requires. Raises ValueError for an override that cannot be one."""
+        found = _signature(node, self.owners)
+        if inherited is None:
+            return found
+        if found is None or len(found[0]) != len(inherited) or \
+                [d for _, _, d in found[0]] != [d for _, _, d in inherited]:
+            raise ValueError(f"{self.owners[cls]}.{cls}.{node.name}: overrides a cpdef method of a base with"
+                             " another signature")
+        params = tuple((typ, name, default) for (typ, _, default), (_, name, _) in zip(inherited, found[0]))
+        return params, found[1]
+
+
+def _param(typ: str | None, name: str, default: bool) -> str:
+    return f"{typ + ' ' if typ else ''}{name}{'=*' if default else ''}"
+
+
+def _read_module(module: str) -> str:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), *module.split(".")[1:]) + ".py") as f:
+        return f.read()
+
+
+def pxd_text(module: str, source: str, read=_read_module) -> str:
     """The ``.pxd`` that makes ``module``'s EXTENSION_TYPES classes extension types.
 
-    Every slot is a ``public object`` field: any value, reachable from
-    Python as before. Raises ValueError when a class cannot be one.
+    Every slot is a ``public`` field, reachable from Python as before: an
+    ``object`` one (any value), or typed with an extension type when the
+    class annotates that slot with one (``session: Session``), so that
+    compiled code reaches through it without a lookup. Every method Cython
+    can compile so becomes ``cpdef``: compiled callers that know the
+    receiver's type call it in C, Python callers as before (and a Python
+    subclass's override still wins). Arguments and locals the method
+    annotates with an extension type are typed. ``read(module)`` gives the
+    source of another module (a base class's). Raises ValueError when a
+    class cannot be an extension type.
     """
     import ast
 
-    owners = {cls: mod for mod, classes in EXTENSION_TYPES.items() for cls in classes}
-    found = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    classes = _Classes(lambda name: source if name == module else read(name))
+    owners = classes.owners
+    used: set[str] = set()
     lines: list[str] = []
     for name in EXTENSION_TYPES[module]:
-        node = found.get(name)
+        node = classes.node(name)
         if node is None:
             raise ValueError(f"{module}: no class {name}")
         slots = None
+        slot_types: dict[str, str] = {}
         for stmt in node.body:
             if isinstance(stmt, ast.Assign) and [getattr(t, "id", None) for t in stmt.targets] == ["__slots__"]:
                 try:
                     slots = ast.literal_eval(stmt.value)
                 except ValueError:
                     slots = None  # computed: refused below
+            elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is None:
+                typ = _ext_type(stmt.annotation, owners)
+                if typ:
+                    slot_types[stmt.target.id] = typ
         if not isinstance(slots, tuple):
             raise ValueError(f"{module}.{name}: __slots__ must be a literal tuple")
+        for slot in slot_types:
+            if slot not in slots:
+                raise ValueError(f"{module}.{name}: {slot!r} is annotated but not a slot")
         bases = [ast.unparse(base) for base in node.bases]
         if len(bases) > 1 or (bases and bases[0] not in owners):
             raise ValueError(f"{module}.{name}: an extension type's base must be another one, not {bases}")
-        if bases and owners[bases[0]] != module:
-            lines.insert(0, f"from {owners[bases[0]]} cimport {bases[0]}")
+        inherited = classes.cpdef_methods(bases[0]) if bases else {}
+        if bases:
+            used.add(bases[0])
         lines.append(f"cdef class {name}{f'({bases[0]})' if bases else ''}:")
-        lines.extend(f"    cdef public object {slot}" for slot in slots)
-        if not slots:
+        for slot in slots:
+            typ = slot_types.get(slot)
+            if typ:
+                used.add(typ)
+            lines.append(f"    cdef public {typ or 'object'} {slot}")
+        for stmt in node.body:
+            if not isinstance(stmt, ast.FunctionDef):
+                continue
+            declared = classes.declaration(name, stmt, inherited.get(stmt.name))
+            if declared is None:
+                continue
+            params, local_types = declared
+            used.update(typ for typ, _, _ in params if typ)
+            used.update(local_types.values())
+            if local_types:
+                lines.append(f"    @cython.locals({', '.join(f'{k}={v}' for k, v in sorted(local_types.items()))})")
+            lines.append(f"    cpdef {stmt.name}({', '.join(_param(*param) for param in params)})")
+        if lines[-1].endswith(":"):
             lines.append("    pass")
-    return "\n".join(lines) + "\n"
+    head = ["cimport cython"]
+    for other in sorted({owners[typ] for typ in used} - {module}):
+        head.append(f"from {other} cimport {', '.join(sorted(typ for typ in used if owners[typ] == other))}")
+    return "\n".join(head + lines) + "\n"
 
 
 class _SourceFirst:

@@ -109,7 +109,9 @@ def test_nothing_built_is_plain_source(tmp_path):
 
 
 def test_every_extension_type_is_generated_from_its_slots():
-    """What setup.py writes for each listed class: one C field per slot, the base cimported."""
+    """What setup.py writes for each listed class: one C field per slot, typed where the class
+    annotates the slot with an extension type, the base and the field types cimported."""
+    import ast
     import importlib
 
     for module, classes in compiled.EXTENSION_TYPES.items():
@@ -119,12 +121,86 @@ def test_every_extension_type_is_generated_from_its_slots():
         for name in classes:
             cls = getattr(mod, name)
             block = text.split(f"cdef class {name}", 1)[1].split("cdef class", 1)[0]
-            assert [line.split()[-1] for line in block.splitlines()[1:] if "cdef public object" in line] == \
-                list(cls.__slots__), name
+            fields = [line.split()[2:] for line in block.splitlines()[1:] if line.startswith("    cdef public ")]
+            assert [field for _, field in fields] == list(cls.__slots__), name
+            node = next(n for n in ast.parse(source_of(module)).body if getattr(n, "name", None) == name)
+            annotated = {stmt.target.id: ast.unparse(stmt.annotation).split(" | ")[0] for stmt in node.body
+                         if isinstance(stmt, ast.AnnAssign)}
+            assert {field: typ for typ, field in fields if typ != "object"} == annotated, name
     exchange = compiled.pxd_text("sidecar_proxy.protocols.http1.exchange",
                                  source_of("sidecar_proxy.protocols.http1.exchange"))
-    assert exchange.startswith("from sidecar_proxy.protocols.http1.retries cimport Retries\n")
+    assert "from sidecar_proxy.protocols.http1.retries cimport Retries\n" in exchange
+    assert "from sidecar_proxy.protocols.http1.session cimport Session\n" in exchange
     assert "cdef class Exchange(Retries):" in exchange
+    assert "    cdef public Session session\n" in exchange
+
+
+def test_methods_become_cpdef_where_cython_can_compile_them_so():
+    body = textwrap.dedent("""
+        class Session:
+            __slots__ = ("a", "ex")
+            ex: Exchange | None
+
+            def plain(self, x, y=1):
+                pass
+            def typed(self, ex: Exchange, other: int):
+                local: Exchange = ex
+            def _private(self):
+                pass
+            def __repr__(self):
+                return ""
+            @property
+            def prop(self):
+                return 1
+            def star(self, *args):
+                pass
+            def closure(self):
+                return lambda: self.a
+            def generator(self):
+                yield 1
+            def gen_expr(self):
+                return sum(x for x in self.a)
+            async def coroutine(self):
+                pass
+            def uses_super(self):
+                return super().plain()
+    """)
+    text = compiled.pxd_text("sidecar_proxy.protocols.http1.session", body)
+    assert text.splitlines() == [
+        "cimport cython",
+        "from sidecar_proxy.protocols.http1.exchange cimport Exchange",
+        "cdef class Session:",
+        "    cdef public object a",
+        "    cdef public Exchange ex",
+        "    cpdef plain(self, x, y=*)",
+        "    @cython.locals(local=Exchange)",
+        "    cpdef typed(self, Exchange ex, other)",
+        "    cpdef _private(self)",
+    ]
+
+
+def test_an_override_keeps_the_argument_types_of_its_base():
+    """Cython requires an overriding cpdef method to take what the base's does."""
+    base = "class Sink:\n    __slots__ = ()\n    def on_head(self, head: Request):\n        pass\n"
+    session = ("class Session(Sink):\n    __slots__ = ()\n"
+               "    def on_head(self, req: Response):\n        pass\n")
+    sources = {"sidecar_proxy.protocols.events": base + "class Request:\n    __slots__ = ()\n"
+               + "class Response:\n    __slots__ = ()\nclass Parser:\n    __slots__ = ()\n"}
+    text = compiled.pxd_text("sidecar_proxy.protocols.http1.session", session, read=sources.__getitem__)
+    assert "    cpdef on_head(self, Request req)" in text.splitlines()
+    other = session.replace("(self, req: Response)", "(self, req, extra)")
+    with pytest.raises(ValueError, match="overrides a cpdef method of a base with another signature"):
+        compiled.pxd_text("sidecar_proxy.protocols.http1.session", other, read=sources.__getitem__)
+
+
+@pytest.mark.parametrize("module", compiled.MODULES)
+def test_each_compiled_module_imports_first(module):
+    """Compiled, modules import the modules of the types they use before their own code runs, so
+    a module-level import of a name from one of those could find it not yet defined. Each module,
+    imported first in a fresh interpreter, must load."""
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-1500:]
 
 
 @pytest.mark.parametrize("body, error", [
@@ -132,6 +208,7 @@ def test_every_extension_type_is_generated_from_its_slots():
     ("class Session:\n    __slots__ = ['a'] + ['b']\n", "literal tuple"),
     ("class Session:\n    pass\n", "literal tuple"),
     ("class Other:\n    __slots__ = ()\n", "no class Session"),
+    ("class Session:\n    __slots__ = ('a',)\n    b: Exchange\n", "'b' is annotated but not a slot"),
 ])
 def test_a_class_that_cannot_be_an_extension_type_fails_the_build(body, error):
     with pytest.raises(ValueError, match=error):

@@ -92,6 +92,45 @@ class Response:
         return f"Response({self.status})"
 
 
+class Sink:
+    """What a codec delivers a message to (the calls in the module docstring):
+    the session for requests, each exchange for its response.
+
+    A base class rather than a ``typing.Protocol`` so that, compiled, a
+    codec calls a sink in C (``compiled.pxd_text``). A sink must derive from it.
+    """
+
+    __slots__ = ()
+
+    def on_head(self, head) -> None:
+        raise NotImplementedError
+
+    def on_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_end(self, trailers) -> None:
+        raise NotImplementedError
+
+
+class Parser:
+    """A codec's parser: bytes in, sink calls out (the HTTP/1 contract is in
+    ``protocols.http1``). A base class for the reason Sink is one."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def feed_eof(self) -> bool:
+        raise NotImplementedError
+
+    def expect(self, method: bytes) -> None:
+        raise NotImplementedError
+
+    def set_sink(self, sink: Sink) -> None:
+        raise NotImplementedError
+
+
 # Response flags: why the proxy answered itself or a request ended early, in
 # the spirit of Envoy's. Shown in logs and metrics; a fixed set (label-safe).
 FLAG_DOWNSTREAM_PROTOCOL_ERROR = "DPE"   # 400/414/431/501: the client sent what we refuse to forward

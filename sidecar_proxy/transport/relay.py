@@ -169,6 +169,9 @@ class Relay:
                  "created", "seen_bytes", "quiet_ticks", "timer", "connect_task", "closed",
                  "close_reason", "early", "detection", "detect_timer", "cluster", "session", "http_tx",
                  "peer_id", "tls_version")
+    # Typed C fields when compiled (compiled.pxd_text): reached without a lookup.
+    down: _Downstream
+    up: _Upstream | None
 
     def __init__(self, rt: ListenerRuntime) -> None:
         self.rt = rt

@@ -142,6 +142,8 @@ class Upstream:
 
     __slots__ = ("name", "cluster", "state", "picker", "retry_picker", "endpoints", "next", "tls_expected",
                  "tls_sni")
+    # A typed C field when compiled (compiled.pxd_text): reached without a lookup.
+    state: ClusterState
 
     def __init__(self, cluster: Cluster, state: ClusterState, pools: PoolManager | None = None) -> None:
         self.name = cluster.name

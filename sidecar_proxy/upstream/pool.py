@@ -27,9 +27,12 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..addr import format_addr
+
+if TYPE_CHECKING:
+    from ..protocols.events import Parser
 
 log = logging.getLogger("sidecar_proxy.pool")
 
@@ -48,6 +51,9 @@ class UpstreamConn:
     """
 
     __slots__ = ("pool", "transport", "owner", "dead", "idle_since", "sock", "parser", "breakers")
+    # Typed C fields when compiled (compiled.pxd_text): reached without a lookup.
+    pool: Pool
+    parser: Parser | None
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool

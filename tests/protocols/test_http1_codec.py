@@ -10,7 +10,7 @@ import pytest
 
 from sidecar_proxy.protocols.events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL,
                                             BODY_UNTIL_CLOSE, FLAG_DOWNSTREAM_PROTOCOL_ERROR,
-                                            FLAG_UPSTREAM_PROTOCOL_ERROR, HttpError, Limits, Request)
+                                            FLAG_UPSTREAM_PROTOCOL_ERROR, HttpError, Limits, Request, Sink)
 from sidecar_proxy.protocols.http1 import CODECS, make_parser
 from sidecar_proxy.protocols.http1.strict import MAX_CHUNK_LINE_BYTES
 
@@ -26,7 +26,7 @@ def other(codec):
     return next(c for c in CODECS if c != codec)
 
 
-class Recorder:
+class Recorder(Sink):
     """A sink that records what the codec delivers, heads as plain tuples."""
 
     def __init__(self):

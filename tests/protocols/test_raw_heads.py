@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar_proxy.protocols.events import Limits
+from sidecar_proxy.protocols.events import Limits, Sink
 from sidecar_proxy.protocols.http1 import make_parser
 from sidecar_proxy.protocols.http1.serialize import received_block, without
 
 
-class Heads:
+class Heads(Sink):
     def __init__(self) -> None:
         self.heads = []
 

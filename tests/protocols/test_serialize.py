@@ -1,7 +1,7 @@
 """The HTTP/1.1 serializer: exact bytes, and no way to inject a field."""
 import pytest
 
-from sidecar_proxy.protocols.events import BODY_CHUNKED, Limits
+from sidecar_proxy.protocols.events import BODY_CHUNKED, Limits, Sink
 from sidecar_proxy.protocols.http1 import CODECS, make_parser
 from sidecar_proxy.protocols.http1.serialize import (InvalidHeader, chunk, last_chunk, local_response,
                                                      request_head, response_head)
@@ -99,7 +99,7 @@ def test_invalid_header_is_a_value_error():
     assert issubclass(InvalidHeader, ValueError)
 
 
-class Recorder:
+class Recorder(Sink):
     def __init__(self):
         self.heads, self.data, self.trailers = [], b"", []
 

@@ -1,6 +1,7 @@
 """HTTP/1.1: two sans-IO codecs behind one interface, and the proxy session.
 
-The interface every codec implements (``Parser``)::
+The interface every codec implements (``Parser``; its sink is a ``Sink``,
+both base classes in ``..events``)::
 
     parser = make_parser(codec, role, sink, limits)   # role: "request" | "response"
     rest = parser.feed(data)   # calls sink.on_head / on_data / on_end synchronously
@@ -32,24 +33,23 @@ The interface every codec implements (``Parser``)::
 from __future__ import annotations
 
 import importlib.util
-from typing import Protocol
 
-from ..events import Headers, Limits, Request, Response
+from ..events import Limits, Parser, Request, Sink
+
+__all__ = ("BLOCK_UPGRADE", "BLOCK_UPSTREAM_FULL", "BLOCK_WAITING", "CODECS", "Parser", "REFUSED", "Sink",
+           "available_codecs", "make_parser", "resolve_codec")
 
 CODECS = ("h11", "httptools")
 
-
-class Sink(Protocol):
-    def on_head(self, head: Request | Response) -> None: ...
-    def on_data(self, data: bytes) -> None: ...
-    def on_end(self, trailers: Headers | None) -> None: ...
-
-
-class Parser(Protocol):
-    def feed(self, data: bytes) -> bytes | None: ...
-    def feed_eof(self) -> bool: ...
-    def expect(self, method: bytes) -> None: ...
-    def set_sink(self, sink: Sink) -> None: ...
+# Shared by the session and its exchanges. Here, not in either module: compiled,
+# those two import each other's types before their code runs (compiled.pxd_text),
+# so neither may import names from the other at module level.
+# Reasons downstream reading is paused; reading resumes when none is left.
+BLOCK_UPSTREAM_FULL = 1   # the upstream's write buffer is over its high mark
+BLOCK_WAITING = 2         # a request is waiting for an earlier one (pipelining) or for a connection
+BLOCK_UPGRADE = 4         # an Upgrade/CONNECT request awaits the upstream's answer
+# The request of a refusal answered before any request head was whole.
+REFUSED = Request(b"-", b"-", b"-", None, [], keep_alive=False)
 
 
 def available_codecs() -> tuple[str, ...]:

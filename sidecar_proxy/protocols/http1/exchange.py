@@ -27,30 +27,23 @@ from ..events import (BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, BODY_UN
                       FLAG_RATE_LIMITED, FLAG_RETRY_LIMIT, FLAG_UPSTREAM_CONNECT_FAILURE, FLAG_UPSTREAM_OVERFLOW,
                       FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_TERMINATED, FLAG_UPSTREAM_TIMEOUT, HttpError, Request,
                       Response)
-from . import make_parser
+from . import BLOCK_UPSTREAM_FULL, BLOCK_WAITING, make_parser
 from .retries import Retries, RetryState
-from .serialize import (InvalidHeader, chunk, field_line, forward_response_head, last_chunk, local_response,
-                        received_block, without)
+from .serialize import (CHUNKED_LINE, PLAIN_CONNECTION, UPGRADE_LINE, InvalidHeader, chunk, field_line,
+                        forward_response_head, last_chunk, local_response, received_block, without)
 
 if TYPE_CHECKING:
+    from ..events import Parser
     from .session import Session
+    from ...routing.table import CompiledRoute
     from ...upstream.cluster import Upstream
     from ...upstream.pool import Pool, UpstreamConn
 
 log = logging.getLogger("sidecar_proxy.http")
 
-# Fields that describe one hop, never forwarded (RFC 9110 7.6.1); the codec
-# already turned Transfer-Encoding and Content-Length into framing.
-HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade"))
-# Field lines the proxy adds, checked once here.
-CHUNKED_LINE = field_line(b"transfer-encoding", b"chunked")
+# Field lines the proxy adds, checked once here (more in serialize).
 _CLOSE_LINE = field_line(b"connection", b"close")
 _KEEP_ALIVE_LINE = field_line(b"connection", b"keep-alive")
-UPGRADE_LINE = field_line(b"connection", b"upgrade")
-XFP_LINE = field_line(b"x-forwarded-proto", b"http")
-# Request fields the proxy edits or leaves alone instead of adding its own.
-PROXY_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
 
 # What a route's rate limit keys its buckets by (HttpRuntime.rate_limits).
 RL_ROUTE, RL_CLIENT_IP, RL_HEADER, RL_PEER = 0, 1, 2, 3
@@ -62,14 +55,6 @@ _SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 # reused, unless its body is longer than this: then the connection is closed.
 DISCARD_LIMIT = 64 << 10
 
-# Connection values that name no other field (the common case: no set to build).
-PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"))
-
-# Reasons downstream reading is paused; reading resumes when none is left.
-BLOCK_UPSTREAM_FULL = 1   # the upstream's write buffer is over its high mark
-BLOCK_WAITING = 2         # a request is waiting for an earlier one (pipelining) or for a connection
-BLOCK_UPGRADE = 4         # an Upgrade/CONNECT request awaits the upstream's answer
-
 
 # How the response body is written downstream.
 _OUT_NONE = 0      # no body
@@ -80,9 +65,6 @@ _STATUS_REASONS = {400: "bad request", 404: "no route", 408: "request header tim
                    508: "loop detected", 429: "rate limited", 403: "forbidden",
                    431: "request header fields too large", 501: "not implemented", 502: "bad gateway",
                    503: "upstream unavailable", 504: "upstream timeout"}
-
-
-REFUSED = Request(b"-", b"-", b"-", None, [], keep_alive=False)
 
 
 class RequestIds:
@@ -119,6 +101,14 @@ class Exchange(Retries):
                  "connect_task", "finished", "upstream_paused", "held", "cluster_config", "reused",
                  "answered", "resent", "head_bytes", "up", "rs", "opening", "began", "sent_at", "head_at", "rx",
                  "tx", "trace", "span", "rid")
+    # Typed C fields when compiled (compiled.pxd_text): reached without a lookup.
+    session: Session
+    req: Request
+    route: CompiledRoute | None
+    up: Upstream | None
+    pool: Pool | None
+    conn: UpstreamConn | None
+    rparser: Parser | None
 
     def __init__(self, session: Session, req: Request) -> None:
         self.session = session

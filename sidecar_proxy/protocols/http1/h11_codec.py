@@ -26,7 +26,7 @@ from collections import deque
 import h11
 from h11._readers import ChunkedReader   # replaced per message by _StrictChunkedReader
 
-from ..events import BODY_CHUNKED, BODY_TUNNEL, HttpError, Limits
+from ..events import BODY_CHUNKED, BODY_TUNNEL, HttpError, Limits, Parser
 from . import strict
 
 
@@ -73,7 +73,7 @@ class _StrictChunkedReader(ChunkedReader):
             strict.parse_trailers(bytes(data[:end + 2]), self._request, self._limits)
 
 
-class H11Parser:
+class H11Parser(Parser):
     def __init__(self, role: str, sink, limits: Limits) -> None:
         if role not in ("request", "response"):
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")

@@ -28,7 +28,7 @@ from collections import deque
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
-from ..events import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, HttpError, Limits
+from ..events import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_TUNNEL, HttpError, Limits, Parser, Sink
 from . import strict
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -54,9 +54,12 @@ class _Collector:
         self.done = True
 
 
-class HttptoolsParser:
+class HttptoolsParser(Parser):
     __slots__ = ("_request", "_sink", "_limits", "_c", "_hp", "_state", "_left", "_pending",
                  "_head_buf", "_switch", "_methods", "_error")
+    # A typed C field when compiled (compiled.pxd_text): reached without a lookup.
+    _sink: Sink
+    _c: _Collector
 
     def __init__(self, role: str, sink, limits: Limits) -> None:
         if role not in ("request", "response"):

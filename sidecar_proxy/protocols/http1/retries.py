@@ -18,6 +18,7 @@ import random
 import time
 
 from ...policies.retry import RetryPolicy
+from ..events import Sink
 
 
 class RetryState:
@@ -61,8 +62,9 @@ class RetryState:
                 self.replay = None
 
 
-class Retries:
-    """The exchange's retry steps (a mixin of ``Exchange``; see the module docstring)."""
+class Retries(Sink):
+    """The exchange's retry steps (a mixin of ``Exchange``; see the module docstring). A ``Sink`` only
+    because it is the base of ``Exchange``, which is one: an extension type has a single base."""
 
     __slots__ = ()
 

@@ -16,10 +16,13 @@ from ...routing.table import RouteTable
 from ...upstream.cluster import ClusterStates, Upstream
 from ...upstream.pool import Pool, PoolManager
 from . import resolve_codec
-from .exchange import HOP_BY_HOP, RL_CLIENT_IP, RL_HEADER, RL_PEER, RL_ROUTE, RequestIds
-from .serialize import field_lines
+# The module, not its names: compiled, exchange and this module import each
+# other's types first (compiled.pxd_text), so exchange may not have run yet.
+from . import exchange
+from .serialize import HOP_BY_HOP, field_lines
 
 if TYPE_CHECKING:
+    from .exchange import RequestIds
     from ...transport.listeners import ListenerState
 
 
@@ -41,6 +44,10 @@ class HttpRuntime:
                  "own_ports", "pools", "buffer_limit", "header_timeout", "default_timeout", "add_xff", "add_xfp",
                  "add_request_id", "request_ids", "log_throttle", "connect_seconds", "connect_failures", "_pool_cache",
                  "edits", "rate_limits", "mesh", "tracing", "access_log", "recorders", "timing", "epoch")
+    # Typed C fields when compiled (compiled.pxd_text): reached without a lookup.
+    table: RouteTable
+    request_ids: RequestIds
+    passthrough: Upstream
 
     def __init__(self, listener: Listener, config: Config, state: ListenerState, loop: asyncio.AbstractEventLoop,
                  own_ports: frozenset[int], pools: PoolManager, log_throttle: Throttle, request_ids: RequestIds,
@@ -92,8 +99,8 @@ class HttpRuntime:
             if rl is not None:
                 limiter = rate_limiters.get(listener.name, route.name, rl)
                 header = rl.key[7:].encode() if rl.key is not None and rl.key.startswith("header:") else None
-                kind = (RL_HEADER if header is not None else RL_CLIENT_IP if rl.key == "client_ip"
-                        else RL_PEER if rl.key == "peer_identity" else RL_ROUTE)
+                kind = (exchange.RL_HEADER if header is not None else exchange.RL_CLIENT_IP if rl.key == "client_ip"
+                        else exchange.RL_PEER if rl.key == "peer_identity" else exchange.RL_ROUTE)
                 self.rate_limits[route] = (limiter, kind, header, rl.burst, rl.burst / rl.requests_per_second)
         for route in self.table.routes:
             self.edits[route] = RouteEdits(HOP_BY_HOP | route.request_remove,

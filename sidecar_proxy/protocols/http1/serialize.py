@@ -30,6 +30,16 @@ class InvalidHeader(ValueError):
     """A method, target, status, reason, field name or value that must not be written."""
 
 
+
+# Fields that describe one hop, never forwarded (RFC 9110 7.6.1); the codec
+# already turned Transfer-Encoding and Content-Length into framing.
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"))
+# Connection values that name no other field (the common case: no set to build).
+PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"))
+# Request fields the proxy edits or leaves alone instead of adding its own.
+PROXY_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
+
 def request_head(method: bytes, target: bytes, headers) -> bytes:
     """``METHOD SP target SP HTTP/1.1 CRLF`` + fields + CRLF; names are
     written as given."""
@@ -75,6 +85,12 @@ def field_line(name: bytes, value: bytes) -> bytes:
 
 def field_lines(headers) -> bytes:
     return b"".join([field_line(name, value) for name, value in headers])
+
+
+# Field lines the proxy adds, checked once here.
+CHUNKED_LINE = field_line(b"transfer-encoding", b"chunked")
+UPGRADE_LINE = field_line(b"connection", b"upgrade")
+XFP_LINE = field_line(b"x-forwarded-proto", b"http")
 
 
 _REQUEST_LINE_RE = re.compile(rb"[%s]+ [\x21-\x7e]+" % _TCHAR)

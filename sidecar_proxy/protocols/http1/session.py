@@ -36,14 +36,17 @@ from typing import TYPE_CHECKING
 
 from ...addr import format_addr
 from ...transport.relay import abort_with_rst
-from ..events import BODY_CHUNKED, FLAG_DOWNSTREAM_CLOSED, FLAG_REQUEST_HEADER_TIMEOUT, HttpError, Request
-from . import make_parser
-from .exchange import (BLOCK_UPGRADE, BLOCK_WAITING, CHUNKED_LINE, PLAIN_CONNECTION, PROXY_FIELDS, REFUSED,
-                       UPGRADE_LINE, XFP_LINE, Exchange)
-from .serialize import field_line, forward_request_head, received_block
+from ..events import BODY_CHUNKED, FLAG_DOWNSTREAM_CLOSED, FLAG_REQUEST_HEADER_TIMEOUT, HttpError, Request, Sink
+from . import BLOCK_UPGRADE, BLOCK_WAITING, REFUSED, make_parser
+# Exchange only: compiled, this module may run before exchange's code (see BLOCK_* in __init__), and
+# its type (which is all this module needs) is there already.
+from .exchange import Exchange
+from .serialize import (CHUNKED_LINE, PLAIN_CONNECTION, PROXY_FIELDS, UPGRADE_LINE, XFP_LINE, field_line,
+                        forward_request_head, received_block)
 
 if TYPE_CHECKING:
-    from ...transport.listeners import HttpRuntime
+    from .runtime import HttpRuntime
+    from ..events import Parser
     from ...transport.relay import Relay
 
 log = logging.getLogger("sidecar_proxy.http")
@@ -53,7 +56,7 @@ log = logging.getLogger("sidecar_proxy.http")
 LINGER = 2.0
 
 
-class Session:
+class Session(Sink):
     """The downstream side of an HTTP/1 connection (see the module docstring).
 
     An asyncio protocol without the ``asyncio.Protocol`` base, so that it can
@@ -65,6 +68,12 @@ class Session:
                  "closing", "done", "lost", "eof_seen", "peer_ip", "head_timer", "held_rest", "requests",
                  "in_head", "refusal", "linger", "timer", "write_paused", "xff_line", "last_seen", "cork", "feeding", "holding",
                  "draining", "peer_text")
+    # Typed C fields when compiled (compiled.pxd_text): reached without a lookup.
+    rt: HttpRuntime
+    relay: Relay
+    parser: Parser
+    current: Exchange | None
+    active: Exchange | None
 
     def __init__(self, relay: Relay, rt: HttpRuntime) -> None:
         self.relay = relay
