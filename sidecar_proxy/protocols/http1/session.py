@@ -298,14 +298,14 @@ class Session(Sink):
         connection = req.header(b"connection")
         if connection is not None and connection not in PLAIN_CONNECTION:
             drop = drop | {t.strip().lower() for t in connection.split(b",")}
-        block = received_block(req)
+        block = None  # the received field lines as they came
         names = [field[0] for field in headers]
         host_rewrite = route.host_rewrite if route is not None else None
         xff = xfp = rid = False
         if host_rewrite is not None or not drop.isdisjoint(names) or not PROXY_FIELDS.isdisjoint(names):
             # The rare path: lines to drop or to edit.
             kept = []
-            for line, name in zip(block[:-2].split(b"\r\n"), names):
+            for line, name in zip(received_block(req)[:-2].split(b"\r\n"), names):
                 if name in drop:
                     continue
                 if name == b"x-forwarded-for":
@@ -333,6 +333,15 @@ class Session(Sink):
         if rt.add_request_id and not rid:
             line = ex.rid = rt.request_ids.next_line()  # kept for the access log
             added += line
+        if block is None:
+            raw = req.raw
+            if raw is not None:
+                eol = raw.find(b"\r\n")
+                if eol == len(req.method) + len(req.target) + 10 and raw.startswith(b" HTTP/1.1", eol - 9):
+                    # The codec checked this head and its request line is the one forward_request_head
+                    # would write (single spaces, HTTP/1.1): forward it as it came, plus our lines.
+                    return b"".join((raw[:-2], added, edits.request_lines, b"\r\n"))
+            block = received_block(req)
         return forward_request_head(req.method, req.target, block, added + edits.request_lines)
 
     # --- the end of an exchange
