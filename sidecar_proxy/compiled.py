@@ -2,9 +2,14 @@
 
 ``pip install .`` compiles the modules in :data:`MODULES` with Cython
 (``setup.py``) into extension modules beside their sources. They are the same
-code as the ``.py`` files, compiled as they are, and spend about 40 % less
-Python time per proxied request (``benchmarks/README.md``). Nothing else changes:
-without a compiler or Cython the install falls back to the sources.
+code as the ``.py`` files, compiled as they are, plus a generated ``.pxd`` per
+module (:func:`pxd_text`): the classes in :data:`EXTENSION_TYPES` become
+extension types, a slot annotated with one of them (``session: Session``) is a
+typed C field, and their methods are ``cpdef``, so one compiled object reaches
+another's fields and methods in C. That spends about half the Python time per
+proxied request (``benchmarks/README.md``). The one difference from the source
+is that a typed field or argument refuses a value of another type (TypeError).
+Without a compiler or Cython the install falls back to the sources.
 
 Python imports an extension module ahead of a source of the same name, even
 after that source was edited. So ``setup.py`` records the SHA-256 of each
@@ -45,6 +50,10 @@ MODULES = (
 # which the compiled methods read and write without a lookup (setup.py writes
 # the ``.pxd`` that says so, from the source: see :func:`pxd_text`). Such a
 # class has a literal ``__slots__`` and no base but another one listed here.
+# Compiled, a module imports the modules of the types its ``.pxd`` names
+# before its own code runs: a module-level ``from x import name`` between two
+# such modules can find ``name`` not yet defined (tests/test_compiled.py
+# imports each module first).
 EXTENSION_TYPES = {
     "sidecar_proxy.protocols.events": ("Request", "Response", "Sink", "Parser"),
     "sidecar_proxy.protocols.http1.retries": ("Retries",),
