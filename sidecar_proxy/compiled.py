@@ -14,10 +14,12 @@ Without a compiler or Cython the install falls back to the sources.
 Python imports an extension module ahead of a source of the same name, even
 after that source was edited. So ``setup.py`` records the SHA-256 of each
 source it compiled in ``_compiled.json``, and :func:`install` (run by the
-package's ``__init__``, before any of these modules is imported) has the
-source imported instead of any compiled module whose source changed since the
-build, and instead of every one when ``SIDECAR_PROXY_PURE_PYTHON=1`` (to rule
-the compiled code out when chasing a problem). :func:`status` says which is
+package's ``__init__``, before any of these modules is imported) has every
+module's source imported as soon as one compiled module's source changed
+since the build or one module is not built (they import each other's types,
+so they run compiled together or not at all), and also when
+``SIDECAR_PROXY_PURE_PYTHON=1`` (to rule the compiled code out when chasing a
+problem). :func:`status` says which is
 running; ``GET /server_info`` and the startup log show it.
 """
 from __future__ import annotations
@@ -75,6 +77,10 @@ COMPILED = "compiled"
 NOT_BUILT = "source: not compiled"
 FORCED = f"source: {PURE_ENV} is set"
 STALE = "source: changed since it was compiled"
+# The compiled modules import each other's extension types: a compiled module
+# cannot load beside the source of a module whose types it uses, so one module
+# that is not current sends every module to its source.
+WITH_OTHERS = "source: another module is not current"
 
 _status: dict[str, str] = {}
 
@@ -304,6 +310,11 @@ def install(package_dir: str | None = None, modules: tuple[str, ...] = MODULES) 
         else:
             decided[name] = STALE
         sources[name] = source
+    if sources or NOT_BUILT in decided.values():
+        for name, decision in decided.items():
+            if decision == COMPILED:
+                decided[name] = WITH_OTHERS
+                sources[name] = os.path.join(package_dir, *name.split(".")[1:]) + ".py"
     if sources:
         sys.meta_path.insert(0, _SourceFirst(sources))
     _status.clear()

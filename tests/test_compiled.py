@@ -6,6 +6,7 @@ decision is checked in a fresh interpreter, since an imported module stays.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -80,6 +81,48 @@ def test_an_edited_source_is_imported_instead_of_its_stale_build(built):
     finally:
         mod.write_text(source("v1"))
     assert probe(built)["decision"] == compiled.COMPILED  # the same text again: the build is current
+
+
+def test_one_module_not_current_sends_every_module_to_its_source(built):
+    """Compiled modules import each other's types, so a compiled one cannot run beside the source
+    of another: an edited or unbuilt module sends the current ones to their sources too."""
+    pkg = built / "pkgx"
+    other = pkg / "other.py"
+    other.write_text("VALUE = 'other'\n")
+    built_other = pkg / ("other" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    manifest = pkg / compiled.MANIFEST
+    saved = manifest.read_text()
+    script = textwrap.dedent("""
+        import json, sys
+        from sidecar_proxy import compiled
+        decided = compiled.install(sys.argv[1], ("pkgx.mod", "pkgx.other"))
+        import pkgx.mod
+        print(json.dumps({"decided": decided, "file": pkgx.mod.__file__, "status": compiled.status()}))
+    """)
+
+    def run() -> dict:
+        result = subprocess.run([sys.executable, "-c", script, str(pkg)], cwd=built, capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(built)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    try:
+        got = run()  # other.py is not built
+        assert got["decided"] == {"pkgx.mod": compiled.WITH_OTHERS, "pkgx.other": compiled.NOT_BUILT}
+        assert got["file"].endswith("mod.py") and got["status"]["data_path"] == "source"
+        built_other.write_bytes(b"")  # only its presence counts here: other is never imported
+        manifest.write_text(json.dumps({**json.loads(saved), "pkgx.other": "0" * 64}))
+        got = run()  # other.py changed since its build
+        assert got["decided"] == {"pkgx.mod": compiled.WITH_OTHERS, "pkgx.other": compiled.STALE}
+        assert got["file"].endswith("mod.py")
+        manifest.write_text(json.dumps({**json.loads(saved), "pkgx.other": compiled.source_digest(str(other))}))
+        got = run()  # both current
+        assert got["decided"] == {"pkgx.mod": compiled.COMPILED, "pkgx.other": compiled.COMPILED}
+        assert got["file"].endswith(".so")
+    finally:
+        manifest.write_text(saved)
+        other.unlink()
+        built_other.unlink(missing_ok=True)
 
 
 def test_the_environment_can_rule_the_compiled_code_out(built):
