@@ -38,8 +38,8 @@ from ...addr import format_addr
 from ...transport.relay import abort_with_rst
 from ..events import BODY_CHUNKED, FLAG_DOWNSTREAM_CLOSED, FLAG_REQUEST_HEADER_TIMEOUT, HttpError, Request, Sink
 from . import BLOCK_UPGRADE, BLOCK_WAITING, REFUSED, make_parser
-# Exchange only: compiled, this module may run before exchange's code (see BLOCK_* in __init__), and
-# its type (which is all this module needs) is there already.
+# Only the type from exchange: compiled, this module's code can run before exchange's (see BLOCK_* in
+# __init__), and by then the type is defined but exchange's module-level names are not.
 from .exchange import Exchange
 from .serialize import (CHUNKED_LINE, PLAIN_CONNECTION, PROXY_FIELDS, UPGRADE_LINE, XFP_LINE, field_line,
                         forward_request_head, received_block)
