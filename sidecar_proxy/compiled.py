@@ -160,15 +160,19 @@ class _Classes:
         """{method: signature} of class ``name`` and its bases, as declared in their pxd."""
         import ast
 
-        node = self.node(name)
-        bases = [ast.unparse(base) for base in node.bases]
-        methods = dict(self.cpdef_methods(bases[0])) if bases and bases[0] in self.owners else {}
-        for stmt in node.body:
+        bases = [ast.unparse(base) for base in self.node(name).bases]
+        methods = self.cpdef_methods(bases[0]) if bases and bases[0] in self.owners else {}
+        return {**methods, **{method: params for method, params, _ in self.declarations(name, methods)}}
+
+    def declarations(self, name: str, inherited: dict):
+        """(method, signature, locals) of each method of class ``name`` that is cpdef."""
+        import ast
+
+        for stmt in self.node(name).body:
             if isinstance(stmt, ast.FunctionDef):
-                declared = self.declaration(name, stmt, methods.get(stmt.name))
+                declared = self.declaration(name, stmt, inherited.get(stmt.name))
                 if declared is not None:
-                    methods[stmt.name] = declared[0]
-        return methods
+                    yield stmt.name, *declared
 
     def declaration(self, cls: str, node, inherited):
         """(signature, locals) for method ``node`` of ``cls``; an override of
@@ -247,18 +251,12 @@ def pxd_text(module: str, source: str, read=_read_module) -> str:
             if typ:
                 used.add(typ)
             lines.append(f"    cdef public {typ or 'object'} {slot}")
-        for stmt in node.body:
-            if not isinstance(stmt, ast.FunctionDef):
-                continue
-            declared = classes.declaration(name, stmt, inherited.get(stmt.name))
-            if declared is None:
-                continue
-            params, local_types = declared
+        for method, params, local_types in classes.declarations(name, inherited):
             used.update(typ for typ, _, _ in params if typ)
             used.update(local_types.values())
             if local_types:
                 lines.append(f"    @cython.locals({', '.join(f'{k}={v}' for k, v in sorted(local_types.items()))})")
-            lines.append(f"    cpdef {stmt.name}({', '.join(_param(*param) for param in params)})")
+            lines.append(f"    cpdef {method}({', '.join(_param(*param) for param in params)})")
         if lines[-1].endswith(":"):
             lines.append("    pass")
     head = ["cimport cython"]
@@ -296,9 +294,10 @@ def install(package_dir: str | None = None, modules: tuple[str, ...] = MODULES) 
     pure = os.environ.get(PURE_ENV, "") not in ("", "0")
     sources: dict[str, str] = {}
     decided: dict[str, str] = {}
+    paths: dict[str, str] = {}
     for name in modules:
         base = os.path.join(package_dir, *name.split(".")[1:])
-        source = base + ".py"
+        source = paths[name] = base + ".py"
         if not any(os.path.exists(base + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES):
             decided[name] = NOT_BUILT
             continue
@@ -314,7 +313,7 @@ def install(package_dir: str | None = None, modules: tuple[str, ...] = MODULES) 
         for name, decision in decided.items():
             if decision == COMPILED:
                 decided[name] = WITH_OTHERS
-                sources[name] = os.path.join(package_dir, *name.split(".")[1:]) + ".py"
+                sources[name] = paths[name]
     if sources:
         sys.meta_path.insert(0, _SourceFirst(sources))
     _status.clear()

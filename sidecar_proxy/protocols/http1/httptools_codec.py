@@ -57,7 +57,7 @@ class _Collector:
 class HttptoolsParser(Parser):
     __slots__ = ("_request", "_sink", "_limits", "_c", "_hp", "_state", "_left", "_pending",
                  "_head_buf", "_switch", "_methods", "_error")
-    # A typed C field when compiled (compiled.pxd_text): reached without a lookup.
+    # Typed C fields when compiled (compiled.pxd_text): reached without a lookup.
     _sink: Sink
     _c: _Collector
 
